@@ -1,0 +1,323 @@
+"""prompt-composer's command line: parse, build a config, call one library function, print.
+
+Data goes to stdout (one JSON document with --json); progress and logs go to stderr.
+Exit codes: 0 done, 1 failed (one line: what, the value, the fix), 2 bad invocation.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+# offline by default: nothing is fetched from a hub unless a command is told it may
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from composer.errors import ComposerError  # noqa: E402
+
+log = logging.getLogger("prompt_composer")
+
+
+class App(click.Group):
+    """Turns library errors into one line (exit 1); --debug shows the traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except ComposerError as e:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+
+
+def _emit(obj, as_json: bool, text: str | None = None) -> None:
+    if as_json:
+        click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    else:
+        click.echo(text if text is not None else str(obj))
+
+
+def _library(ctx):
+    from composer.library import Library
+
+    return Library(ctx.obj.get("library"))
+
+
+def _table(rows: list[list], header: list[str]) -> str:
+    rows = [[str(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows])
+
+
+@click.group(cls=App, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--library", type=click.Path(file_okay=False), envvar="PROMPT_COMPOSER_LIBRARY",
+              help="Prompt library folder (default $PROMPT_COMPOSER_LIBRARY, else ~/.local/share/prompt-composer/library).")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@click.option("-v", "--verbose", count=True, help="More logging on stderr (-v info, -vv debug).")
+@click.version_option(package_name="prompt-composer")
+@click.pass_context
+def cli(ctx, library, debug, verbose):
+    """Build a task's soft prompt out of the prompts of related tasks.
+
+    \b
+    Examples:
+      prompt-composer task list
+      prompt-composer train polarity --model minilm --steps 300 --save polarity-minilm
+      prompt-composer eval polarity-minilm --task polarity --json
+      prompt-composer library list
+    """
+    ctx.ensure_object(dict)
+    ctx.obj.update(library=library, debug=debug)
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+    except Exception:  # noqa: BLE001 - cosmetic only
+        pass
+
+
+# ---------------------------------------------------------------------------------------------- task
+@cli.group()
+def task():
+    """List, show and check task specs (./tasks, then the packaged catalogue)."""
+
+
+@task.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def task_list(as_json):
+    """List the task specs."""
+    from composer.tasks import list_tasks, load_task
+
+    rows = []
+    for name in list_tasks():
+        try:
+            s = load_task(name)
+            rows.append({"name": name, "source": s.data.get("source"), "labels": len(s.labels),
+                         "metric": s.metric, "description": s.description})
+        except ComposerError as e:
+            rows.append({"name": name, "error": str(e)})
+    _emit(rows, as_json, _table([[r["name"], r.get("source", "!"), r.get("labels", ""), r.get("metric", ""),
+                                  r.get("description", r.get("error", ""))] for r in rows],
+                                ["task", "source", "labels", "metric", "description"]))
+
+
+@task.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+def task_show(name, as_json):
+    """Show a task spec."""
+    from composer.tasks import load_task
+
+    spec = load_task(name)
+    d = spec.to_dict() if hasattr(spec, "to_dict") else vars(spec)
+    import yaml
+
+    _emit(d, as_json, yaml.safe_dump(d, sort_keys=False, allow_unicode=True).rstrip())
+
+
+@task.command("check")
+@click.argument("name")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Folder the task's data paths are relative to.")
+@click.option("--json", "as_json", is_flag=True)
+def task_check(name, data_dir, as_json):
+    """Load every split of a task and count rows and labels."""
+    from composer.tasks import check_task, load_task
+
+    summary = check_task(load_task(name), data_dir)
+    if as_json:
+        _emit(summary, True)
+        return
+    import yaml
+
+    click.echo(yaml.safe_dump(summary, sort_keys=False).rstrip())
+
+
+# --------------------------------------------------------------------------------------------- train
+@cli.command()
+@click.argument("task_name", metavar="TASK", required=False)
+@click.option("--model", default="minilm", show_default=True, help="Backbone: alias (minilm, smollm2-135m), path or hub id.")
+@click.option("--head", type=click.Choice(["verbalizer", "label-similarity", "linear"]), help="Default: by family.")
+@click.option("--prompt-length", default=20, show_default=True, type=int)
+@click.option("--init", default="random", show_default=True, help="random | vocab | text | text:WORDS | library:NAME")
+@click.option("--mode", type=click.Choice(["prompt", "joint"]), default="prompt", show_default=True)
+@click.option("--unfreeze", default="all", show_default=True, help="Joint mode: all | last:N | bias | none.")
+@click.option("--steps", default=300, show_default=True, type=int)
+@click.option("--batch-size", default=16, show_default=True, type=int)
+@click.option("--lr", "--prompt-lr", "lr", default=0.3, show_default=True, type=float, help="Prompt learning rate.")
+@click.option("--model-lr", default=2e-5, show_default=True, type=float, help="Backbone learning rate (joint).")
+@click.option("--schedule", type=click.Choice(["linear", "cosine", "constant"]), default="linear", show_default=True)
+@click.option("--warmup", default=0.06, show_default=True, type=float, help="Warm-up fraction of the steps.")
+@click.option("--eval-every", default=50, show_default=True, type=int)
+@click.option("--max-eval", default=1000, show_default=True, type=int, help="Dev examples used during training.")
+@click.option("--patience", default=0, show_default=True, type=int, help="Early stop after N evals without gain.")
+@click.option("--k-shot", type=int, help="Train on k examples per class.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--temperature", default=0.05, show_default=True, type=float, help="Label-similarity temperature.")
+@click.option("--mixed-precision", type=click.Choice(["no", "bf16", "fp16"]), default="no", show_default=True)
+@click.option("--data-dir", type=click.Path(file_okay=False), envvar="PROMPT_COMPOSER_DATA")
+@click.option("--save", help="Save the best prompt to the library under this name.")
+@click.option("--run-dir", type=click.Path(file_okay=False), help="Run folder (default runs/SAVE or runs/TASK-TIME).")
+@click.option("--resume", type=click.Path(file_okay=False), help="Continue the run in this folder.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def train(ctx, task_name, model, head, prompt_length, init, mode, unfreeze, steps, batch_size, lr, model_lr, schedule,
+          warmup, eval_every, max_eval, patience, k_shot, seed, temperature, mixed_precision, data_dir, save, run_dir,
+          resume, quiet, as_json):
+    """Tune a soft prompt (and, with --mode joint, the backbone) on TASK.
+
+    \b
+    Examples:
+      prompt-composer train polarity --model minilm --prompt-length 20 --steps 300 --save polarity-minilm
+      prompt-composer train sst2 --model smollm2-135m --data-dir ../shared/data --steps 50 --save sst2-smol
+      prompt-composer train rte --init library:rte-composed --mode joint --unfreeze last:2 --save rte-joint
+      prompt-composer train polarity --resume runs/polarity-minilm
+    """
+    from composer.train import TrainConfig, train as run_train
+
+    if resume and not task_name:
+        cfg_file = Path(resume) / "config.json"
+        if not cfg_file.exists():
+            raise click.ClickException(f"--resume {resume}: no config.json there; is it a run folder?")
+        cfg = TrainConfig(**json.loads(cfg_file.read_text()))
+    else:
+        if not task_name:
+            raise click.UsageError("give a TASK (or --resume RUN_DIR)")
+        cfg = TrainConfig(task=task_name, model=model, head=head, prompt_length=prompt_length, init=init, mode=mode,
+                          unfreeze=unfreeze, steps=steps, batch_size=batch_size, lr=lr, model_lr=model_lr,
+                          schedule=schedule, warmup=warmup, eval_every=eval_every, max_eval=max_eval,
+                          patience=patience, k_shot=k_shot, seed=seed, temperature=temperature,
+                          mixed_precision=mixed_precision, data_dir=data_dir, save=save, run_dir=run_dir)
+    result = run_train(cfg, resume=resume, library=_library(ctx), progress=not quiet)
+    if as_json:
+        _emit(result, True)
+        return
+    m = result["metric"]
+    before = result.get("initial") or {}
+    lines = [f"task {result['task']} on {result['model']}: {result['steps']} steps in {result['seconds']}s "
+             f"(best at step {result['best_step']})"]
+    if before:
+        lines.append(f"  dev {m}: before {before['score']:.4f} -> after {result['dev']['score']:.4f}")
+    if "test" in result:
+        lines.append(f"  test {m}: {result['test']['score']:.4f}")
+    if result.get("saved"):
+        lines.append(f"  saved as '{result['saved']}' in {_library(ctx).root}")
+    lines.append(f"  run folder: {result['run_dir']}")
+    click.echo("\n".join(lines))
+
+
+# ---------------------------------------------------------------------------------------------- eval
+@cli.command("eval")
+@click.argument("name", required=False)
+@click.option("--task", "task_name", help="Task to evaluate on (default: the prompt's own task).")
+@click.option("--model", help="Backbone (default: the one the prompt was trained on).")
+@click.option("--split", default="dev", show_default=True, type=click.Choice(["train", "dev", "test"]))
+@click.option("--head", type=click.Choice(["verbalizer", "label-similarity", "linear"]))
+@click.option("--max-examples", type=int, help="Evaluate on at most this many examples (seeded subset).")
+@click.option("--data-dir", type=click.Path(file_okay=False), envvar="PROMPT_COMPOSER_DATA")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def eval_cmd(ctx, name, task_name, model, split, head, max_examples, data_dir, as_json):
+    """Evaluate a library prompt on a task's split.
+
+    \b
+    Examples:
+      prompt-composer eval polarity-minilm --task polarity --json
+      prompt-composer eval polarity-minilm --task negated-polarity --split test
+    """
+    from composer.backbones import load_backbone
+    from composer.build import encode_split, from_library
+    from composer.evaluate import evaluate
+    from composer.tasks import load_splits, load_task
+    from composer.train import _subset
+
+    if not name:
+        raise click.UsageError("give a prompt NAME")
+    lib = _library(ctx)
+    entry = lib.load(name)
+    spec = load_task(task_name or entry.meta.get("task"))
+    bb = load_backbone(model or entry.meta["backbone"])
+    pm = from_library(entry, bb, spec, head=head)
+    splits = load_splits(spec, data_dir=data_dir, splits=[split])
+    enc = _subset(encode_split(spec, splits[split], bb.tokenizer), max_examples, 0)
+    r = evaluate(pm, spec, enc)
+    r.update(prompt=name, task=spec.name, split=split, backbone=bb.name, head=pm.head.kind)
+    _emit(r, as_json, f"{name} on {spec.name}/{split} ({r['n']} examples): {r['metric']} {r['score']:.4f}  "
+                      f"accuracy {r['accuracy']:.4f}  loss {r['loss']:.4f}")
+
+
+# ------------------------------------------------------------------------------------------- library
+@cli.group()
+def library():
+    """List, show, remove, export and import library prompts."""
+
+
+@library.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def library_list(ctx, as_json):
+    """List the prompts in the library."""
+    lib = _library(ctx)
+    rows = []
+    for n in lib.names():
+        try:
+            m = lib.meta(n)
+        except ComposerError as e:
+            rows.append({"name": n, "error": str(e)})
+            continue
+        metrics = m.get("metrics") or {}
+        dev = (metrics.get("dev") or {}).get("score")
+        rows.append({"name": n, "task": m.get("task"), "backbone": m.get("backbone"), "length": m.get("length"),
+                     "hidden_size": m.get("hidden_size"), "head": m.get("head"), "dev": dev,
+                     "strategy": (m.get("provenance") or {}).get("strategy") or (m.get("provenance") or {}).get("init"),
+                     "created": m.get("created")})
+    if as_json:
+        _emit({"library": str(lib.root), "prompts": rows}, True)
+        return
+    if not rows:
+        click.echo(f"no prompts in {lib.root}")
+        return
+    click.echo(_table([[r["name"], r.get("task", "!"), r.get("backbone", ""), r.get("length", ""),
+                        "" if r.get("dev") is None else f"{r['dev']:.4f}", r.get("strategy") or "",
+                        r.get("created", r.get("error", ""))] for r in rows],
+                      ["name", "task", "backbone", "P", "dev", "from", "created"]))
+
+
+@library.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def library_show(ctx, name, as_json):
+    """Show a prompt's metadata (prompt.json) and tensor statistics."""
+    entry = _library(ctx).load(name)
+    p = entry.prompt
+    d = dict(entry.meta, path=str(entry.path),
+             stats={"shape": list(p.shape), "mean_norm": float(p.norm(dim=-1).mean()), "std": float(p.std())})
+    _emit(d, as_json, json.dumps(d, indent=2, sort_keys=True, default=str))
+
+
+@library.command("rm")
+@click.argument("names", nargs=-1, required=True)
+@click.pass_context
+def library_rm(ctx, names):
+    """Remove prompts from the library."""
+    lib = _library(ctx)
+    for n in names:
+        lib.remove(n)
+        click.echo(f"removed {n}", err=True)
+
+
+def main() -> None:
+    cli(obj={})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""From task rows to token ids: template rendering, truncation that keeps the template, padding.
+
+The template's literal text (e.g. "Question: ... Answer:") is never cut: when the rendered input is
+too long, the longest input field loses tokens until the whole fits in ``max_length``.
+"""
+from __future__ import annotations
+
+import re
+import string
+
+import torch
+
+_FIELD = re.compile(r"{(\w+)}")
+
+
+def template_fields(template: str) -> list[str]:
+    return [f for _, f, _, _ in string.Formatter().parse(template) if f]
+
+
+def render(template: str, row: dict) -> str:
+    return _FIELD.sub(lambda m: str(row[m.group(1)]), template)
+
+
+def _n_special(tokenizer) -> int:
+    return len(tokenizer("", add_special_tokens=True)["input_ids"]) - len(
+        tokenizer("", add_special_tokens=False)["input_ids"])
+
+
+def encode_row(tokenizer, template: str, row: dict, max_length: int) -> list[int]:
+    """One row -> token ids (special tokens included), at most ``max_length`` long."""
+    ids = tokenizer(render(template, row), add_special_tokens=True)["input_ids"]
+    if len(ids) <= max_length:
+        return ids
+    fields = template_fields(template)
+    row = {k: str(v) for k, v in row.items()}
+    toks = {f: tokenizer(row[f], add_special_tokens=False)["input_ids"] for f in fields}
+    for _ in range(8):  # each round cuts the longest field by the overflow; re-tokenising may shift a little
+        over = len(ids) - max_length
+        if over <= 0:
+            return ids
+        longest = max(fields, key=lambda f: len(toks[f]))
+        keep = max(len(toks[longest]) - over - 1, 0)
+        toks[longest] = toks[longest][:keep]
+        row[longest] = tokenizer.decode(toks[longest], skip_special_tokens=True)
+        ids = tokenizer(render(template, row), add_special_tokens=True)["input_ids"]
+    # the template alone does not fit: keep its head and the special tokens at the end
+    n = _n_special(tokenizer)
+    return ids[: max_length - n] + ids[len(ids) - n :] if n else ids[:max_length]
+
+
+def encode_rows(tokenizer, template: str, rows, max_length: int) -> list[list[int]]:
+    """Many rows at once: one batched tokenizer call, then the long ones are cut one by one."""
+    rows = list(rows)
+    if not rows:
+        return []
+    texts = [render(template, r) for r in rows]
+    ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    return [x if len(x) <= max_length else encode_row(tokenizer, template, r, max_length) for x, r in zip(ids, rows)]
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad -> (input_ids [B, T], attention_mask [B, T])."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask

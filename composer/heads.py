@@ -1,0 +1,155 @@
+"""Scoring heads: how a prompted backbone scores a task's labels -> logits [B, C].
+
+verbalizer        log-likelihood of each label's words (decoders, encoder-decoders); multi-token words
+                  are scored token by token and summed. No task parameters.
+label-similarity  cosine between the mean-pooled prompted input and each encoded label description,
+                  divided by a temperature (sentence encoders such as MiniLM). No task parameters.
+linear            a small Linear(H, C) on the pooled input; its weights are saved beside the prompt.
+
+Each head is called as head(pm, embeds [B, T, H], mask [B, T], P) where embeds already hold the prompt.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HEADS = ("verbalizer", "label-similarity", "linear")
+DEFAULT_HEAD = {"encoder": "label-similarity", "decoder": "verbalizer", "encoder-decoder": "verbalizer"}
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """hidden [B, T, H], mask [B, T] -> [B, H] mean over the unmasked tokens."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-6)
+
+
+def last_token(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """hidden [B, T, H] of right-padded rows -> [B, H] at each row's last real token."""
+    idx = mask.sum(1).long() - 1
+    return hidden[torch.arange(len(hidden), device=hidden.device), idx]
+
+
+class VerbalizerHead(nn.Module):
+    """Sum of log p(label word tokens | prompt, input) per label -> [B, C]."""
+
+    kind = "verbalizer"
+
+    def __init__(self, label_token_ids: list[list[int]]):
+        super().__init__()
+        if any(len(t) == 0 for t in label_token_ids):
+            raise ValueError("every label word must have at least one token")
+        self.label_token_ids = [list(t) for t in label_token_ids]
+        self.single = all(len(t) == 1 for t in label_token_ids)
+
+    def forward(self, pm, embeds: torch.Tensor, mask: torch.Tensor, P: int) -> torch.Tensor:
+        if pm.family == "encoder-decoder":
+            return self._seq2seq(pm, embeds, mask)
+        if pm.family != "decoder":
+            raise ValueError("the verbalizer head needs a decoder or encoder-decoder backbone")
+        lm_head = pm.backbone.get_output_embeddings()
+        if self.single:  # one pass: the next-token distribution after the input
+            h = last_token(pm.hidden(embeds, mask), mask)  # [B, H]
+            logp = F.log_softmax(lm_head(h).float(), dim=-1)  # [B, V]
+            ids = torch.tensor([t[0] for t in self.label_token_ids], device=h.device)
+            return logp[:, ids]  # [B, C]
+        return self._multi_token(pm, embeds, mask, lm_head)
+
+    def _multi_token(self, pm, embeds, mask, lm_head) -> torch.Tensor:
+        B, T, H = embeds.shape
+        C = len(self.label_token_ids)
+        m = max(len(t) for t in self.label_token_ids)
+        dev = embeds.device
+        ids = torch.zeros(C, m, dtype=torch.long, device=dev)
+        valid = torch.zeros(C, m, dtype=torch.bool, device=dev)
+        for c, t in enumerate(self.label_token_ids):
+            ids[c, : len(t)] = torch.tensor(t, device=dev)
+            valid[c, : len(t)] = True
+        lab = pm.embed(ids)  # [C, m, H]
+        lengths = mask.sum(1).long()  # [B]
+        # every (example, label) pair as one row: [B*C, T+m, H] with the label right after the input
+        x = torch.cat([embeds, embeds.new_zeros(B, m, H)], 1).repeat_interleave(C, 0)
+        xm = torch.cat([mask, mask.new_zeros(B, m)], 1).repeat_interleave(C, 0)
+        rows = torch.arange(B * C, device=dev)[:, None]
+        pos = lengths.repeat_interleave(C)[:, None] + torch.arange(m, device=dev)[None]  # [B*C, m]
+        x[rows, pos] = lab.repeat(B, 1, 1)
+        xm[rows, pos] = valid.repeat(B, 1).to(xm.dtype)
+        hid = pm.hidden(x, xm)  # [B*C, T+m, H]
+        h = hid[rows, pos - 1]  # the state before each label token predicts it: [B*C, m, H]
+        logp = F.log_softmax(lm_head(h).float(), dim=-1)
+        tok = logp.gather(-1, ids.repeat(B, 1)[..., None]).squeeze(-1)  # [B*C, m]
+        return (tok * valid.repeat(B, 1)).sum(-1).view(B, C)
+
+    def _seq2seq(self, pm, embeds, mask) -> torch.Tensor:
+        B = embeds.shape[0]
+        C = len(self.label_token_ids)
+        m = max(len(t) for t in self.label_token_ids)
+        dev = embeds.device
+        labels = torch.full((C, m), -100, dtype=torch.long, device=dev)
+        for c, t in enumerate(self.label_token_ids):
+            labels[c, : len(t)] = torch.tensor(t, device=dev)
+        enc = pm.backbone.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        dec_in = pm.backbone.prepare_decoder_input_ids_from_labels(labels=labels)  # [C, m]
+        out = pm.backbone(encoder_outputs=(enc.repeat_interleave(C, 0),), attention_mask=mask.repeat_interleave(C, 0),
+                          decoder_input_ids=dec_in.repeat(B, 1))
+        logp = F.log_softmax(out.logits.float(), dim=-1)  # [B*C, m, V]
+        lab = labels.repeat(B, 1)
+        tok = logp.gather(-1, lab.clamp(min=0)[..., None]).squeeze(-1)
+        return (tok * (lab >= 0)).sum(-1).view(B, C)
+
+
+class LabelSimilarityHead(nn.Module):
+    """cos(mean-pooled prompted input, mean-pooled label description) / temperature -> [B, C].
+
+    The descriptions are encoded by the same backbone without the prompt; with a frozen backbone
+    their embeddings are computed once and cached.
+    """
+
+    kind = "label-similarity"
+
+    def __init__(self, label_input_ids: torch.Tensor, label_mask: torch.Tensor, temperature: float = 0.05,
+                 pool_prompt: bool = True):
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.register_buffer("label_input_ids", label_input_ids, persistent=False)
+        self.register_buffer("label_mask", label_mask, persistent=False)
+        self.temperature = temperature
+        self.pool_prompt = pool_prompt
+        self._cache: torch.Tensor | None = None
+
+    def label_embeddings(self, pm) -> torch.Tensor:
+        trainable = any(p.requires_grad for p in pm.backbone.parameters())
+        if self._cache is not None and not trainable and self._cache.device == self.label_input_ids.device:
+            return self._cache
+        with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
+            e = pm.embed(self.label_input_ids)
+            h = mean_pool(pm.hidden(e, self.label_mask), self.label_mask)
+            h = F.normalize(h.float(), dim=-1)  # [C, H]
+        self._cache = None if trainable else h.detach()
+        return h
+
+    def forward(self, pm, embeds: torch.Tensor, mask: torch.Tensor, P: int) -> torch.Tensor:
+        hid = pm.hidden(embeds, mask)
+        pool_mask = mask
+        if not self.pool_prompt:
+            start = 1 if pm.after_first else 0
+            pool_mask = mask.clone()
+            pool_mask[:, start : start + P] = 0
+        x = F.normalize(mean_pool(hid, pool_mask).float(), dim=-1)  # [B, H]
+        return x @ self.label_embeddings(pm).T / self.temperature  # [B, C]
+
+
+class LinearHead(nn.Module):
+    """Linear(H, C) on the pooled input: mean (encoders, encoder side) or last token (decoders)."""
+
+    kind = "linear"
+
+    def __init__(self, hidden_size: int, num_labels: int):
+        super().__init__()
+        self.proj = nn.Linear(hidden_size, num_labels)
+
+    def forward(self, pm, embeds: torch.Tensor, mask: torch.Tensor, P: int) -> torch.Tensor:
+        hid = pm.hidden(embeds, mask)
+        pooled = last_token(hid, mask) if pm.family == "decoder" else mean_pool(hid, mask)
+        return self.proj(pooled.to(self.proj.weight.dtype)).float()

@@ -1,0 +1,108 @@
+"""A frozen (or partly trainable) backbone with a soft prompt in front and a scoring head on top.
+
+PromptedModel.forward(input_ids [B, T], attention_mask [B, T]) -> logits [B, C] over a task's labels.
+The prompt comes from ``prompt_source(embeds, mask) -> [B, P, H]``: a plain SoftPrompt or a composer
+that mixes prompts per example. The head decides how labels are scored (see composer/heads.py).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from composer.backbones import Backbone
+from composer.prompts import prepend
+
+
+class PromptedModel(nn.Module):
+    def __init__(self, backbone: Backbone, prompt_source: nn.Module, head: nn.Module):
+        super().__init__()
+        self.bb = backbone
+        self.backbone = backbone.model  # registered, so .to(device) and state_dict see it
+        self.prompt_source = prompt_source
+        self.head = head
+
+    # -- the backbone pieces the heads need -------------------------------------------------
+    @property
+    def family(self) -> str:
+        return self.bb.family
+
+    @property
+    def after_first(self) -> bool:
+        """BERT-style encoders keep [CLS] in front of the prompt."""
+        tok = self.bb.tokenizer
+        return self.family == "encoder" and tok.cls_token_id is not None
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, T] -> [B, T, H] word embeddings (positions are added inside the backbone)."""
+        return self.backbone.get_input_embeddings()(input_ids)
+
+    def prompted(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 prompt: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """-> (embeds [B, P+T, H], mask [B, P+T], P)."""
+        embeds = self.embed(input_ids)
+        if prompt is None:
+            prompt = self.prompt_source(embeds, attention_mask)  # [B, P, H]
+        out, mask = prepend(embeds, attention_mask, prompt, after_first=self.after_first)
+        return out, mask, prompt.shape[-2]
+
+    def hidden(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Last hidden states of the encoder side (or the decoder stack): [B, T, H]."""
+        if self.family == "encoder-decoder":
+            return self.backbone.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        if self.family == "decoder":
+            return self.backbone.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        return self.backbone(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                prompt: torch.Tensor | None = None) -> torch.Tensor:
+        embeds, mask, P = self.prompted(input_ids, attention_mask, prompt)
+        return self.head(self, embeds, mask, P)
+
+    # -- generation -------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int = 20,
+                 use_cache: bool = True, prompt: torch.Tensor | None = None) -> torch.Tensor:
+        """Greedy generation with the prompt in front: -> new tokens [B, N].
+
+        The prompt is part of the context at every step whether the cache is on or off (the
+        PEFT pitfall: a cache-less loop that re-feeds only token ids silently drops it).
+        """
+        tok = self.bb.tokenizer
+        if self.family == "encoder":
+            raise ValueError("generation needs a decoder or encoder-decoder backbone")
+        if self.family == "encoder-decoder":
+            embeds, mask, _ = self.prompted(input_ids, attention_mask, prompt)
+            out = self.backbone.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                         do_sample=False, use_cache=use_cache, num_beams=1)
+            start = self.backbone.config.decoder_start_token_id
+            return out[:, 1:] if out.shape[1] and (out[:, 0] == start).all() else out
+        # decoder: left-align so every row's last token is at the end, then an explicit loop
+        lengths = attention_mask.sum(1)
+        T = input_ids.shape[1]
+        shift = (T - lengths).tolist()
+        ids = torch.stack([torch.roll(row, s) for row, s in zip(input_ids, shift)])
+        am = torch.stack([torch.roll(row, s) for row, s in zip(attention_mask, shift)])
+        embeds, mask, _ = self.prompted(ids, am, prompt)
+        eos = tok.eos_token_id
+        done = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
+        new, past = [], None
+        step_embeds = embeds
+        for _ in range(max_new_tokens):
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            if use_cache and past is not None:
+                out = self.backbone(inputs_embeds=step_embeds, attention_mask=mask, position_ids=pos[:, -1:],
+                                    past_key_values=past, use_cache=True)
+            else:
+                out = self.backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=use_cache)
+            past = out.past_key_values if use_cache else None
+            nxt = out.logits[:, -1].float().argmax(-1)  # [B]
+            if eos is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
+                done |= nxt == eos
+            new.append(nxt)
+            step_embeds = self.embed(nxt[:, None])  # [B, 1, H]
+            embeds = torch.cat([embeds, step_embeds], dim=1)
+            mask = torch.cat([mask, mask.new_ones(len(ids), 1)], dim=1)
+            if done.all():
+                break
+        return torch.stack(new, dim=1)

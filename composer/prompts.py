@@ -1,0 +1,87 @@
+"""Soft prompts: a [P, H] parameter, its initialisations, and the prepend math.
+
+The math here is pure (tensors in, tensors out) so it is tested without a model.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+INITS = ("random", "vocab", "text", "library")
+
+
+def prepend(
+    embeds: torch.Tensor, mask: torch.Tensor, prompt: torch.Tensor, after_first: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Insert a prompt in front of the input embeddings.
+
+    embeds [B, T, H], mask [B, T], prompt [P, H] or [B, P, H] -> ([B, P+T, H], [B, P+T]).
+    ``after_first`` keeps the first token (BERT's [CLS]) in front: [CLS] prompt rest.
+    """
+    B, T, H = embeds.shape
+    if prompt.dim() == 2:
+        prompt = prompt.unsqueeze(0).expand(B, -1, -1)  # [B, P, H]
+    if prompt.shape[0] != B or prompt.shape[-1] != H:
+        raise ValueError(f"prompt of shape {tuple(prompt.shape)} does not fit inputs of shape {(B, T, H)}")
+    prompt = prompt.to(embeds.dtype)
+    ones = mask.new_ones(B, prompt.shape[1])
+    if after_first:
+        out = torch.cat([embeds[:, :1], prompt, embeds[:, 1:]], dim=1)
+        out_mask = torch.cat([mask[:, :1], ones, mask[:, 1:]], dim=1)
+    else:
+        out = torch.cat([prompt, embeds], dim=1)
+        out_mask = torch.cat([ones, mask], dim=1)
+    return out, out_mask
+
+
+def random_init(length: int, embedding: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Uniform noise with the variance of the vocabulary embeddings: [P, H].
+
+    Lester et al. draw from U(-0.5, 0.5); we match the backbone's embedding scale instead, so
+    the init is neither drowned nor drowning on models whose embeddings are small (MiniLM's std is ~0.05).
+    """
+    std = embedding.float().std().item()
+    a = math.sqrt(3.0) * std
+    return (torch.rand(length, embedding.shape[1], generator=generator) * 2 - 1) * a
+
+
+def vocab_init(length: int, embedding: torch.Tensor, generator: torch.Generator,
+               special_ids: set[int] | None = None, top: int = 5000) -> torch.Tensor:
+    """Embeddings of P token ids sampled from the first ``top`` ids (skipping specials): [P, H]."""
+    V = embedding.shape[0]
+    pool = torch.tensor([i for i in range(min(top, V)) if i not in (special_ids or set())])
+    idx = pool[torch.randint(len(pool), (length,), generator=generator)]
+    return embedding[idx].detach().float().clone()
+
+
+def text_init(length: int, embedding: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
+    """Embeddings of a text's tokens, cycled or cut to P tokens: [P, H]."""
+    if not token_ids:
+        raise ValueError("text init needs a non-empty text")
+    ids = (token_ids * (length // len(token_ids) + 1))[:length]
+    return embedding[torch.tensor(ids)].detach().float().clone()
+
+
+class SoftPrompt(nn.Module):
+    """The prompt of one task: ``weight`` [P, H].
+
+    forward(embeds [B, T, H], mask [B, T]) -> [B, P, H], a view (no copy). Every prompt source
+    (this, or a composer that mixes prompts per example) has that signature.
+    """
+
+    def __init__(self, init: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(init.detach().float().contiguous().clone())
+
+    @property
+    def length(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, embeds: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.weight.unsqueeze(0).expand(embeds.shape[0], -1, -1)
+
+    def static(self) -> torch.Tensor:
+        """The [P, H] prompt to save."""
+        return self.weight.detach()
