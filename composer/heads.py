@@ -122,10 +122,16 @@ class LabelSimilarityHead(nn.Module):
         trainable = any(p.requires_grad for p in pm.backbone.parameters())
         if self._cache is not None and not trainable and self._cache.device == self.label_input_ids.device:
             return self._cache
-        with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
-            e = pm.embed(self.label_input_ids)
-            h = mean_pool(pm.hidden(e, self.label_mask), self.label_mask)
-            h = F.normalize(h.float(), dim=-1)  # [C, H]
+        was_training = pm.backbone.training
+        if not trainable:  # a frozen backbone encodes the labels without dropout, once
+            pm.backbone.eval()
+        try:
+            with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
+                e = pm.embed(self.label_input_ids)
+                h = mean_pool(pm.hidden(e, self.label_mask), self.label_mask)
+                h = F.normalize(h.float(), dim=-1)  # [C, H]
+        finally:
+            pm.backbone.train(was_training)
         self._cache = None if trainable else h.detach()
         return h
 

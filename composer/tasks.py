@@ -1,0 +1,761 @@
+"""Task specs (tasks/NAME.yaml) and their data.
+
+A task says where its data comes from, which fields make the input, the template that
+joins them, its labels with their verbalizer words / descriptions, and its metric.
+The YAML schema is in docs/CONTRACTS.md; this module adds a few optional fields:
+
+``data.splits.<split>`` may be a path or a mapping ``{path: ..., <any reader key>}``
+    whose keys override the data-level reader keys for that split only (e.g. a test
+    file in another format, with other column names or other label values).
+``data.delimiter``
+    field separator: tsv ``"\\t"``, csv ``","``, lines ``" "`` by default. For
+    ``lines`` the line is split at most ``len(columns) - 1`` times, so the last column
+    keeps its spaces (``label<space>text`` or ``label<TAB>premise<TAB>hypothesis``).
+``data.quoting``
+    ``none`` (tsv default: GLUE files must be read without quote handling) or
+    ``minimal`` (csv default).
+``data.label_map``
+    ``{raw: label}`` applied to the normalised raw label before it is checked against
+    ``labels`` (e.g. ``{neg: "0", pos: "1"}``).
+``data.format: folders``
+    the split path is a directory with one sub-directory per raw label, one text file
+    per example; the text goes into ``columns[0]`` (default ``text``).
+``data.split: {from: train, dev: 0.1, test: 0.1, seed: 0}``
+    carves deterministic held-out splits out of split ``from`` (default ``train``) for
+    data with no official split (MR, CR, SUBJ, MPQA): a seeded permutation gives the
+    first ``round(n * dev)`` rows to dev, the next ``round(n * test)`` to test, and the
+    rest (in file order) stays in ``from``.
+``data.seed`` (builtin)
+    the seed passed to ``composer.suite.generate`` (default 0).
+``regression.range: [lo, hi]``
+    the score range, used by ``TaskSpec.bin_centers()`` (midpoints of the bins).
+
+Conventions:
+
+- Label values are normalised to strings with one rule: Python bools become
+  ``"true"``/``"false"``, integral numbers ``"3"`` (so ``1`` and ``1.0`` both give
+  ``"1"``), anything else ``str(value).strip()``. ``labels`` in a YAML go through the
+  same rule, so ``labels: [false, true]`` and ``labels: ["false", "true"]`` agree.
+- Input fields are read as strings with surrounding whitespace stripped.
+- Relative paths resolve against the data directory (``--data-dir``, else
+  ``PROMPT_COMPOSER_DATA``, else the current directory).
+- ``field_map: {old: new}`` renames columns after reading; names absent from a file
+  are ignored, so one map can serve files that differ.
+- k-shot sampling applies to the train split only: ``k`` rows per class, drawn with
+  ``numpy.random.default_rng(seed)``, kept in file order.
+"""
+from __future__ import annotations
+
+import csv
+import importlib.resources
+import json
+import logging
+import math
+import os
+import re
+import string
+from collections import Counter
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import yaml
+
+from composer.errors import TaskError
+from composer.metrics import METRICS
+
+log = logging.getLogger(__name__)
+
+DATA_ENV = "PROMPT_COMPOSER_DATA"
+SOURCES = ("files", "hub", "builtin")
+FORMATS = ("tsv", "csv", "json", "jsonl", "lines", "folders")
+HEADS = ("verbalizer", "label-similarity", "mlm", "linear")
+QUOTING = {"none": csv.QUOTE_NONE, "minimal": csv.QUOTE_MINIMAL}
+READER_KEYS = ("format", "header", "columns", "encoding", "records", "field_map", "delimiter", "quoting",
+               "label_map")
+DATA_KEYS = ("source", "splits", "path", "name", "generator", "seed", "split", *READER_KEYS)
+REQUIRED = ("data", "inputs", "labels")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_HINT = "pass --data-dir DIR or set PROMPT_COMPOSER_DATA"
+
+
+def normalize_label(value: Any) -> str:
+    """The one rule that turns a raw label value into the string stored in ``labels``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+@dataclass
+class TaskSpec:
+    """One task: its data, input template, labels and metric (tasks/NAME.yaml)."""
+
+    name: str
+    """Task name; equals the YAML file stem."""
+    data: dict[str, Any]
+    """Where the rows come from: source files | hub | builtin, and how to read them."""
+    inputs: list[str]
+    """Fields that make the input, in template order."""
+    labels: list[str]
+    """Raw label values as strings (or bin names for regression); index = class id."""
+    description: str = ""
+    """One line shown by `prompt-composer task list`."""
+    template: str | None = None
+    """Joins the input fields, e.g. "{premise} Question: {hypothesis}"; default: fields joined by a space."""
+    label_field: str = "label"
+    """Column holding the label (ignored for regression, which reads regression.field)."""
+    label_words: list[str] | None = None
+    """Verbalizer words aligned with labels (leading space for decoders); default: " " + label."""
+    label_descriptions: list[str] | None = None
+    """Short phrases for the label-similarity head; default: label_words stripped."""
+    metric: str = "accuracy"
+    """accuracy | f1 | matthews | pearson | spearman."""
+    max_length: int = 128
+    """Input tokens; fields are truncated, the template's literal text is kept."""
+    head: str | None = None
+    """Scoring head; None = the backbone family's default."""
+    few_shot: dict[str, int] | None = None
+    """Default k-shot sampling of train: {k: 16, seed: 13}; None = the whole split."""
+    regression: dict[str, Any] | None = None
+    """{field: score, bins: [2.5], range: [0, 5]}: label i when bins[i-1] <= score < bins[i]."""
+    path: str | None = field(default=None, compare=False, repr=False)
+    """The YAML file this spec was read from (not a YAML key)."""
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    @property
+    def num_labels(self) -> int:
+        """C, the number of classes (bins for regression)."""
+        return len(self.labels)
+
+    @property
+    def is_regression(self) -> bool:
+        return self.regression is not None
+
+    def split_names(self) -> list[str]:
+        """The splits this task provides (declared plus carved), e.g. ["train", "dev", "test"]."""
+        splits = self.data.get("splits")
+        if self.data["source"] == "builtin" and not splits:
+            names = ["train", "dev", "test"]
+        else:
+            names = list(splits)
+        carve = self.data.get("split") or {}
+        names += [s for s in ("dev", "test") if s in carve and s not in names]
+        order = {s: i for i, s in enumerate(("train", "dev", "test"))}
+        return sorted(names, key=lambda s: order.get(s, len(order)))  # stable: other names keep YAML order
+
+    def bin_centers(self) -> np.ndarray | None:
+        """[C] the value each bin stands for (regression with a range), else None."""
+        if not self.regression or "range" not in self.regression:
+            return None
+        lo, hi = (float(x) for x in self.regression["range"])
+        edges = [lo, *(float(b) for b in self.regression["bins"]), hi]
+        return np.array([(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])], dtype=np.float64)
+
+    def render(self, row: Mapping[str, Any]) -> str:
+        """The template filled with one row's input fields."""
+        return self.template.format(**{k: row[k] for k in self.inputs})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The YAML fields (for `task show` and round trips)."""
+        d = asdict(self)
+        d.pop("path")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], path: str | Path | None = None) -> "TaskSpec":
+        """Build from a parsed YAML mapping; unknown keys warn, missing required ones raise."""
+        where = f" in {path}" if path else ""
+        name = d.get("name") or (Path(path).stem if path else None)
+        for key in ("name", *REQUIRED):
+            if (d.get(key) if key != "name" else name) in (None, "", [], {}):
+                raise TaskError(
+                    f"task {name or '?'}{where} is missing the required field '{key}'; "
+                    f"add `{key}:` (see docs/CONTRACTS.md for the schema)"
+                )
+        known = {f.name for f in fields(cls)} - {"path"}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            log.warning("task %s%s: ignoring unknown keys %s", name, where, ", ".join(unknown))
+        kwargs = {k: v for k, v in d.items() if k in known}
+        kwargs["name"] = name
+        return cls(**kwargs, path=str(path) if path else None)
+
+
+def _fail(spec_name: str, field_name: str, problem: str, fix: str) -> TaskError:
+    return TaskError(f"task {spec_name}: field '{field_name}' {problem}; {fix}")
+
+
+def _check_str_list(name: str, key: str, value: Any) -> list[str]:
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        raise _fail(name, key, f"is {value!r}", "give a non-empty list of non-empty strings")
+    return value
+
+
+def validate(spec: TaskSpec) -> None:
+    """Check every field of ``spec`` (normalising labels in place); raise TaskError naming the field."""
+    n = spec.name
+    if not isinstance(n, str) or not _NAME_RE.match(n):
+        raise TaskError(f"task name {n!r} is not valid; use letters, digits, '-', '_' or '.'")
+    spec.inputs = _check_str_list(n, "inputs", spec.inputs)
+    odd = [f for f in spec.inputs if not re.fullmatch(r"\w+", f)]
+    if odd:
+        raise _fail(n, "inputs", f"has {odd[0]!r}, not a plain identifier",
+                    "rename the column with data.field_map, e.g. {'#1 String': sentence1}")
+    if not isinstance(spec.labels, list) or not spec.labels:
+        raise _fail(n, "labels", f"is {spec.labels!r}",
+                    "give the raw label values as a list, e.g. [\"0\", \"1\"]")
+    spec.labels = [normalize_label(v) for v in spec.labels]
+    dupes = sorted(k for k, c in Counter(spec.labels).items() if c > 1)
+    if dupes:
+        raise _fail(n, "labels", f"repeats {dupes}", "list each label once")
+    C = len(spec.labels)
+    if spec.label_words is None:
+        spec.label_words = [" " + lab for lab in spec.labels]
+    spec.label_words = _check_str_list(n, "label_words", spec.label_words)
+    if len(spec.label_words) != C:
+        raise _fail(n, "label_words", f"has {len(spec.label_words)} entries but labels has {C}",
+                    "give one word per label, in the order of `labels`")
+    if spec.label_descriptions is None:
+        spec.label_descriptions = [w.strip() for w in spec.label_words]
+    spec.label_descriptions = _check_str_list(n, "label_descriptions", spec.label_descriptions)
+    if len(spec.label_descriptions) != C:
+        raise _fail(n, "label_descriptions", f"has {len(spec.label_descriptions)} entries but labels has {C}",
+                    "give one description per label, in the order of `labels`")
+    if spec.metric not in METRICS:
+        raise _fail(n, "metric", f"is unknown ({spec.metric!r})", f"choose one of {', '.join(METRICS)}")
+    if spec.template is None:
+        spec.template = " ".join("{" + f + "}" for f in spec.inputs)
+    if not isinstance(spec.template, str):
+        raise _fail(n, "template", f"is {spec.template!r}", "give a string such as \"{sentence}\"")
+    try:
+        used = [f for _, f, _, _ in string.Formatter().parse(spec.template) if f is not None]
+    except ValueError as e:
+        raise _fail(n, "template", f"cannot be parsed ({e})", "write '{{' and '}}' for literal braces")
+    bad = sorted(set(used) - set(spec.inputs))
+    if bad:
+        raise _fail(n, "template", f"uses {bad} which are not in inputs {spec.inputs}",
+                    "add them to `inputs` or fix the placeholder names")
+    if not isinstance(spec.max_length, int) or isinstance(spec.max_length, bool) or spec.max_length <= 0:
+        raise _fail(n, "max_length", f"is {spec.max_length!r}", "give a positive number of tokens")
+    if spec.head is not None and spec.head not in HEADS:
+        raise _fail(n, "head", f"is unknown ({spec.head!r})",
+                    f"choose one of {', '.join(HEADS)} or leave it null")
+    if not isinstance(spec.label_field, str) or not spec.label_field:
+        raise _fail(n, "label_field", f"is {spec.label_field!r}", "name the column that holds the label")
+    if spec.few_shot is not None:
+        fs = spec.few_shot
+        if not isinstance(fs, dict) or not _pos_int(fs.get("k")) or not isinstance(fs.get("seed", 0), int):
+            raise _fail(n, "few_shot", f"is {fs!r}", "write {k: 16, seed: 13} (k a positive integer)")
+    if spec.regression is not None:
+        _validate_regression(spec)
+    elif spec.metric in ("pearson", "spearman"):
+        raise _fail(n, "metric", f"is {spec.metric} but the task has no `regression` block",
+                    "add `regression: {field: score, bins: [...]}` or use accuracy/f1/matthews")
+    _validate_data(spec)
+
+
+def _pos_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _validate_regression(spec: TaskSpec) -> None:
+    n, r = spec.name, spec.regression
+    fix = "write {field: score, bins: [2.5], range: [0, 5]} with increasing bins"
+    if not isinstance(r, dict) or not isinstance(r.get("field"), str):
+        raise _fail(n, "regression", f"is {r!r}", fix)
+    bins = r.get("bins")
+    if (not isinstance(bins, list) or not bins or not all(isinstance(b, (int, float)) for b in bins)
+            or any(a >= b for a, b in zip(bins, bins[1:]))):
+        raise _fail(n, "regression.bins", f"is {bins!r}", "give an increasing list of numbers, e.g. [2.5]")
+    if len(bins) + 1 != spec.num_labels:
+        raise _fail(n, "labels",
+                    f"has {spec.num_labels} entries but regression.bins makes {len(bins) + 1} bins",
+                    "give one label per bin (len(bins) + 1)")
+    rng = r.get("range")
+    if rng is not None and (not isinstance(rng, list) or len(rng) != 2 or not rng[0] <= bins[0]
+                            or not bins[-1] <= rng[1]):
+        raise _fail(n, "regression.range", f"is {rng!r}", "give [lo, hi] enclosing the bins, e.g. [0, 5]")
+
+
+def _validate_data(spec: TaskSpec) -> None:
+    n, d = spec.name, spec.data
+    if not isinstance(d, dict):
+        raise _fail(n, "data", f"is {d!r}", "give a mapping with `source:` and `splits:`")
+    src = d.get("source", "files")
+    d["source"] = src
+    if src not in SOURCES:
+        raise _fail(n, "data.source", f"is unknown ({src!r})", f"choose one of {', '.join(SOURCES)}")
+    unknown = sorted(set(d) - set(DATA_KEYS))
+    if unknown:
+        log.warning("task %s: ignoring unknown data keys %s", n, ", ".join(unknown))
+    if src == "builtin":
+        if not isinstance(d.get("generator"), str):
+            raise _fail(n, "data.generator", "is missing",
+                        "name a generator of composer.suite (e.g. polarity)")
+        return
+    splits = d.get("splits")
+    if not isinstance(splits, dict) or not splits:
+        raise _fail(n, "data.splits", f"is {splits!r}",
+                    "map split names to files, e.g. {train: path/train.tsv}")
+    if src == "hub":
+        if not isinstance(d.get("path"), str):
+            raise _fail(n, "data.path", "is missing", "give the hub dataset id, e.g. `path: glue`")
+        return
+    for split in splits:
+        cfg = split_config(spec, split)
+        where = f"data.splits.{split}"
+        if not isinstance(cfg.get("path"), str) or not cfg["path"]:
+            raise _fail(n, where, f"is {splits[split]!r}", "give a path relative to the data directory")
+        if cfg["format"] not in FORMATS:
+            raise _fail(n, f"{where}.format" if "format" in _own(splits[split]) else "data.format",
+                        f"is unknown ({cfg['format']!r})", f"choose one of {', '.join(FORMATS)}")
+        if cfg["format"] in ("csv", "tsv") and not cfg["header"] and not cfg.get("columns"):
+            raise _fail(n, "data.columns", f"is missing for headerless {cfg['format']} split '{split}'",
+                        "name the columns, e.g. columns: [label, sentence]")
+        if cfg.get("quoting") is not None and cfg["quoting"] not in QUOTING:
+            raise _fail(n, "data.quoting", f"is {cfg['quoting']!r}", "choose none or minimal")
+        for key in ("field_map", "label_map"):
+            if cfg.get(key) is not None and not isinstance(cfg[key], dict):
+                raise _fail(n, f"data.{key}", f"is {cfg[key]!r}", "give a mapping {old: new}")
+    carve = d.get("split")
+    if carve is not None:
+        ok = isinstance(carve, dict) and set(carve) <= {"from", "dev", "test", "seed"}
+        src_split = carve.get("from", "train") if ok else None
+        fracs = [carve.get(s, 0) for s in ("dev", "test")] if ok else []
+        fracs_ok = all(isinstance(f, (int, float)) and 0 <= f < 1 for f in fracs) and 0 < sum(fracs) < 1
+        if not ok or src_split not in splits or not fracs_ok:
+            raise _fail(n, "data.split", f"is {carve!r}",
+                        "write {from: train, dev: 0.1, test: 0.1, seed: 0} (fractions of a declared split)")
+        clash = [s for s in ("dev", "test") if s in carve and s in splits]
+        if clash:
+            raise _fail(n, "data.split", f"carves {clash[0]!r} which data.splits already declares",
+                        f"drop {clash[0]} from one of them")
+
+
+def _own(entry: Any) -> dict[str, Any]:
+    return entry if isinstance(entry, dict) else {"path": entry}
+
+
+def split_config(spec: TaskSpec, split: str) -> dict[str, Any]:
+    """The reader settings for one file split: data-level keys overridden by the split's own."""
+    d = spec.data
+    cfg: dict[str, Any] = {k: d.get(k) for k in READER_KEYS}
+    cfg.update(_own(d["splits"][split]))
+    cfg["format"] = cfg["format"] or "tsv"
+    cfg["header"] = True if cfg["header"] is None else bool(cfg["header"])
+    cfg["encoding"] = cfg["encoding"] or "utf-8"
+    return cfg
+
+
+# ----------------------------------------------------------------------------- finding task files
+
+def _catalogue_dirs() -> list[tuple[str, Any | None]]:
+    """(label, directory) pairs searched in order: ./tasks, the repo's tasks/, the installed catalogue."""
+    dirs: list[tuple[str, Any]] = []
+    seen: set[Path] = set()
+    for p in (Path.cwd() / "tasks", Path(__file__).resolve().parent.parent / "tasks"):
+        if p.resolve() not in seen:
+            seen.add(p.resolve())
+            dirs.append((str(p), p))
+    try:
+        pkg = importlib.resources.files("composer.catalog.tasks")
+        dirs.append(("the packaged catalogue (composer.catalog.tasks)", pkg))
+    except (ModuleNotFoundError, TypeError):
+        # a source checkout: the catalogue is the repo's tasks/ above
+        dirs.append(("the packaged catalogue (not installed)", None))
+    return dirs
+
+
+def _parse_yaml(text: str, where: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise TaskError(f"bad YAML in {where}{at}: {problem}; fix the syntax") from None
+    if not isinstance(data, dict):
+        raise TaskError(f"task file {where} holds {type(data).__name__}, not a mapping; "
+                        "write `name: ...`, `data: ...` etc.")
+    return data
+
+
+def _load_file(path: Path | Any, stem: str) -> TaskSpec:
+    data = _parse_yaml(path.read_text(encoding="utf-8"), str(path))
+    name = data.get("name")
+    if name is not None and name != stem:
+        raise TaskError(f"task file {path} has name {name!r}; the name must equal the file stem {stem!r}")
+    return TaskSpec.from_dict(data, path=str(path))
+
+
+def load_task(name_or_path: str | Path) -> TaskSpec:
+    """A task by path to a .yaml file, or by name: ./tasks/NAME.yaml, the repo's tasks/, the catalogue."""
+    s = str(name_or_path)
+    p = Path(s).expanduser()
+    if s.endswith((".yaml", ".yml")) or os.sep in s or "/" in s:
+        if not p.is_file():
+            raise TaskError(f"task file {p.resolve()} not found; check the path or give a task name")
+        return _load_file(p, p.stem)
+    looked = []
+    for label, d in _catalogue_dirs():
+        looked.append(label)
+        if d is not None and (d / f"{s}.yaml").is_file():
+            return _load_file(d / f"{s}.yaml", s)
+    raise TaskError(f"unknown task {s!r}: not in {', '.join(looked)}; see `prompt-composer task list`")
+
+
+def list_tasks() -> list[str]:
+    """Names of all tasks found in ./tasks, the repo's tasks/ and the packaged catalogue, sorted."""
+    names: set[str] = set()
+    for _, d in _catalogue_dirs():
+        if d is None:
+            continue
+        try:
+            names.update(e.name[: -len(".yaml")] for e in d.iterdir() if e.name.endswith(".yaml"))
+        except (FileNotFoundError, NotADirectoryError, OSError):
+            continue
+    return sorted(names)
+
+
+def resolve_data_dir(explicit: str | Path | None = None) -> Path | None:
+    """The data directory: ``explicit``, else $PROMPT_COMPOSER_DATA, else None."""
+    raw = explicit if explicit not in (None, "") else os.environ.get(DATA_ENV) or None
+    if raw is None:
+        return None
+    p = Path(raw).expanduser().resolve()
+    if not p.is_dir():
+        how = "--data-dir" if explicit not in (None, "") else DATA_ENV
+        raise TaskError(f"data directory {p} (from {how}) does not exist; "
+                        f"{_HINT} pointing at an existing folder")
+    return p
+
+
+# ----------------------------------------------------------------------------- readers
+# Each reader returns raw rows: a list of dicts keyed by column name.
+
+def _encoding(enc: str) -> str:
+    # utf-8-sig strips the BOM that MRPC's header starts with, and reads plain utf-8 alike
+    return "utf-8-sig" if enc.lower().replace("_", "-") in ("utf-8", "utf8") else enc
+
+
+def _read_delimited(path: Path, cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    fmt = cfg["format"]
+    delim = cfg.get("delimiter") or ("\t" if fmt == "tsv" else ",")
+    quoting = QUOTING[cfg.get("quoting") or ("none" if fmt == "tsv" else "minimal")]
+    csv.field_size_limit(2**31 - 1)  # IMDB-length reviews exceed the 128 KiB default
+    with open(path, encoding=_encoding(cfg["encoding"]), newline="") as f:
+        reader = csv.reader(f, delimiter=delim, quoting=quoting)
+        rows = [r for r in reader if r and any(x.strip() for x in r)]
+    if cfg["header"]:
+        names = [c.strip().lstrip("\ufeff") for c in rows[0]] if rows else []
+        rows = rows[1:]
+        if cfg.get("columns"):
+            names = list(cfg["columns"])
+    else:
+        names = list(cfg["columns"])
+    long = sum(len(r) > len(names) for r in rows)
+    if long:
+        log.debug("%s: %d rows have more than %d fields; extra fields dropped", path, long, len(names))
+    # a short (ragged) row simply lacks its last columns; missing needed fields are reported later
+    return [dict(zip(names, r)) for r in rows]
+
+
+def _read_lines(path: Path, cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    names = list(cfg.get("columns") or ["label", "text"])
+    delim = cfg.get("delimiter") or " "
+    text = path.read_text(encoding=_encoding(cfg["encoding"]))
+    rows = []
+    # split on "\n" only: latin-1 MR/SUBJ hold \x85 (NEL), which str.splitlines would treat as a newline
+    for line in text.split("\n"):
+        line = line.rstrip("\r")
+        if not line.strip():
+            continue
+        rows.append(dict(zip(names, line.split(delim, len(names) - 1))))
+    return rows
+
+
+def _read_json(path: Path, cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    try:
+        obj = json.loads(path.read_text(encoding=_encoding(cfg["encoding"])))
+    except json.JSONDecodeError as e:
+        raise TaskError(f"bad JSON in {path} at line {e.lineno}: {e.msg}; fix the file") from None
+    rec = cfg.get("records")
+    if isinstance(obj, dict):
+        if rec == "values":
+            obj = list(obj.values())
+        elif isinstance(rec, str) and isinstance(obj.get(rec), list):
+            obj = obj[rec]
+        else:
+            raise TaskError(f"{path} holds a JSON object, not a list of records; set `records: values` "
+                            "(for {\"0\": {...}, ...}) or `records: KEY` (for {KEY: [...]})")
+    if not isinstance(obj, list) or not all(isinstance(r, dict) for r in obj):
+        raise TaskError(f"{path} does not hold a list of JSON records; give [{{...}}, ...]")
+    return obj
+
+
+def _read_jsonl(path: Path, cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    with open(path, encoding=_encoding(cfg["encoding"])) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise TaskError(f"bad JSON on line {i} of {path}: {e.msg}; fix the line") from None
+    return rows
+
+
+def _read_folders(path: Path, cfg: dict[str, Any], label_field: str) -> list[dict[str, Any]]:
+    if not path.is_dir():
+        raise TaskError(f"{path} is not a directory; format: folders wants one sub-folder per label")
+    text_col = (cfg.get("columns") or ["text"])[0]
+    rows = []
+    for sub in sorted(p for p in path.iterdir() if p.is_dir()):
+        for fp in sorted(sub.iterdir()):
+            if fp.is_file():
+                text = fp.read_text(encoding=_encoding(cfg["encoding"]))
+                rows.append({text_col: text, label_field: sub.name})
+    return rows
+
+
+def _data_path(rel: str, data_dir: Path | None) -> Path:
+    p = Path(rel).expanduser()
+    return p if p.is_absolute() else (data_dir or Path.cwd()) / p
+
+
+def read_rows(spec: TaskSpec, split: str, data_dir: Path | None) -> tuple[list[dict[str, Any]], str]:
+    """Raw rows of one file split (after field_map) and the file they came from."""
+    cfg = split_config(spec, split)
+    path = _data_path(cfg["path"], data_dir).resolve()
+    if not path.exists():
+        where = f"data directory {data_dir}" if data_dir else f"no data directory given, so {Path.cwd()}"
+        raise TaskError(f"data file {path} for split '{split}' of task {spec.name} not found ({where}); "
+                        f"{_HINT} to the folder that holds {cfg['path']}")
+    fmt = cfg["format"]
+    if fmt in ("csv", "tsv"):
+        rows = _read_delimited(path, cfg)
+    elif fmt == "lines":
+        rows = _read_lines(path, cfg)
+    elif fmt == "json":
+        rows = _read_json(path, cfg)
+    elif fmt == "jsonl":
+        rows = _read_jsonl(path, cfg)
+    else:
+        rows = _read_folders(path, cfg, spec.label_field)
+    fmap = cfg.get("field_map") or {}
+    if fmap:
+        rows = [{fmap.get(k, k): v for k, v in r.items()} for r in rows]
+    return rows, str(path)
+
+
+def _hub_rows(spec: TaskSpec, split: str) -> tuple[list[dict[str, Any]], str]:
+    import datasets
+
+    d = spec.data
+    hub_split = _own(d["splits"][split])["path"]
+    ds = datasets.load_dataset(d["path"], d.get("name"), split=hub_split)
+    rows = [dict(r) for r in ds]
+    fmap = d.get("field_map") or {}
+    if fmap:
+        rows = [{fmap.get(k, k): v for k, v in r.items()} for r in rows]
+    return rows, f"hub {d['path']}/{d.get('name') or ''}:{hub_split}"
+
+
+def _builtin_rows(spec: TaskSpec, split: str, seed: int) -> tuple[list[dict[str, Any]], str]:
+    from composer import suite  # lazy: the suite is generated code, not needed for file tasks
+
+    splits = spec.data.get("splits")
+    gen_split = _own(splits[split])["path"] if isinstance(splits, dict) and split in splits else split
+    gen = spec.data["generator"]
+    return suite.generate(gen, gen_split, seed), f"builtin generator {gen}:{gen_split}"
+
+
+# ----------------------------------------------------------------------------- rows -> columns
+
+def _to_columns(spec: TaskSpec, split: str, rows: list[dict[str, Any]], origin: str,
+                label_map: Mapping[str, str] | None) -> dict[str, list]:
+    """Check and convert raw rows into columns: inputs (str), label (int), score (float, regression)."""
+    if not rows:
+        raise TaskError(f"split '{split}' of task {spec.name} is empty ({origin}); "
+                        "check the file, or drop the split from data.splits")
+    index = {lab: i for i, lab in enumerate(spec.labels)}
+    lmap = {normalize_label(k): normalize_label(v) for k, v in (label_map or {}).items()}
+    reg = spec.regression
+    need = [*spec.inputs, reg["field"] if reg else spec.label_field]
+    cols: dict[str, list] = {k: [] for k in spec.inputs}
+    cols["label"] = []
+    if reg:
+        cols["score"] = []
+        bins = np.asarray(reg["bins"], dtype=np.float64)
+    for i, row in enumerate(rows, 1):
+        missing = [k for k in need if k not in row or row[k] is None]
+        if missing:
+            what = "regression field" if reg and missing[0] == reg["field"] else (
+                "label field" if missing[0] == spec.label_field else "input field")
+            raise TaskError(
+                f"row {i} of {origin} (split '{split}') has no {what} {missing[0]!r} "
+                f"(fields: {', '.join(map(str, row))}); "
+                "fix `inputs`/`label_field` or map it with data.field_map"
+            )
+        for k in spec.inputs:
+            cols[k].append(str(row[k]).strip())
+        if reg:
+            try:
+                score = float(row[reg["field"]])
+            except (TypeError, ValueError):
+                raise TaskError(f"row {i} of {origin} (split '{split}') has score {row[reg['field']]!r}, "
+                                "not a number; fix the row or regression.field") from None
+            cols["score"].append(score)
+            cols["label"].append(int(np.digitize(score, bins)))
+            continue
+        raw = normalize_label(row[spec.label_field])
+        lab = lmap.get(raw, raw)
+        if lab not in index:
+            raise TaskError(f"label {lab!r} in row {i} of {origin} (split '{split}') is not one of "
+                            f"the labels {spec.labels} of task {spec.name}; add it to `labels`, "
+                            "map it with data.label_map, or fix the row")
+        cols["label"].append(index[lab])
+    return cols
+
+
+def _take(cols: dict[str, list], idx: Iterable[int]) -> dict[str, list]:
+    idx = list(idx)
+    return {k: [v[i] for i in idx] for k, v in cols.items()}
+
+
+def _carve(spec: TaskSpec, cols: dict[str, list]) -> dict[str, dict[str, list]]:
+    """Split ``cols`` of data.split.from into {from, dev, test} deterministically."""
+    carve = spec.data["split"]
+    n = len(cols["label"])
+    sizes = {s: int(round(n * float(carve.get(s, 0)))) for s in ("dev", "test")}
+    perm = np.random.default_rng(int(carve.get("seed", 0))).permutation(n)
+    out, start = {}, 0
+    for s in ("dev", "test"):
+        if s in carve:
+            out[s] = _take(cols, sorted(perm[start:start + sizes[s]]))
+            start += sizes[s]
+    out[carve.get("from", "train")] = _take(cols, sorted(perm[start:]))
+    return out
+
+
+def sample_k_shot(labels: np.ndarray | list[int], k: int, seed: int, label_names: list[str] | None = None,
+                  where: str = "train") -> list[int]:
+    """Row indices with ``k`` rows per class (classes 0..C-1 of ``label_names``), in file order.
+
+    labels: [N] int class ids. Raises TaskError when a class has fewer than k rows.
+    """
+    labels = np.asarray(labels)
+    C = len(label_names) if label_names is not None else int(labels.max()) + 1
+    rng = np.random.default_rng(seed)
+    chosen: list[int] = []
+    for c in range(C):
+        members = np.flatnonzero(labels == c)
+        name = label_names[c] if label_names is not None else str(c)
+        if len(members) < k:
+            raise TaskError(f"k-shot k={k} exceeds class {name!r} which has {len(members)} rows in {where}; "
+                            f"lower k to at most {len(members)}")
+        chosen.extend(int(i) for i in rng.permutation(members)[:k])
+    return sorted(chosen)
+
+
+def load_splits(
+    spec: TaskSpec,
+    data_dir: str | Path | None = None,
+    splits: Iterable[str] | None = None,
+    k_shot: int | None = None,
+    seed: int | None = None,
+) -> dict[str, "datasets.Dataset"]:  # noqa: F821
+    """Load a task's splits as datasets.
+
+    Args:
+        spec: the task.
+        data_dir: folder that relative data paths resolve against (default: resolve_data_dir(None)).
+        splits: names to load (default: all of ``spec.split_names()``).
+        k_shot: rows per class sampled from train; None = ``spec.few_shot["k"]`` if set, 0 = all rows.
+        seed: k-shot seed; None = ``spec.few_shot["seed"]`` or 0. (Builtin generators use
+            ``data.seed``, default 0, so the rows do not change with the run's seed.)
+
+    Returns:
+        {split: Dataset} with columns ``spec.inputs`` (str), ``label`` (int64 index into
+        ``spec.labels``) and, for regression, ``score`` (float64).
+    """
+    import datasets
+
+    data_dir = resolve_data_dir(data_dir)
+    available = spec.split_names()
+    wanted = list(splits) if splits is not None else available
+    for s in wanted:
+        if s not in available:
+            raise TaskError(f"task {spec.name} has no split {s!r}; choose from {', '.join(available)}")
+    fs = spec.few_shot or {}
+    k = fs.get("k", 0) if k_shot is None else k_shot
+    seed = fs.get("seed", 0) if seed is None else seed
+    src = spec.data["source"]
+    carve = spec.data.get("split") or {}
+    carved = [s for s in ("dev", "test") if s in carve]
+    carve_from = carve.get("from", "train") if carve else None
+
+    cols: dict[str, dict[str, list]] = {}
+    to_read = [s for s in wanted if s not in carved]
+    if carve_from and any(s in carved or s == carve_from for s in wanted) and carve_from not in to_read:
+        to_read.append(carve_from)
+    for s in to_read:
+        if src == "files":
+            rows, origin = read_rows(spec, s, data_dir)
+            lmap = split_config(spec, s).get("label_map")
+        elif src == "hub":
+            rows, origin = _hub_rows(spec, s)
+            lmap = spec.data.get("label_map")
+        else:
+            # the generator's seed is part of the task (data.seed), not of the run, so every
+            # training seed sees the same dev/test rows
+            rows, origin = _builtin_rows(spec, s, int(spec.data.get("seed", 0)))
+            lmap = spec.data.get("label_map")
+        cols[s] = _to_columns(spec, s, rows, origin, lmap)
+        log.info("task %s split %s: %d rows from %s", spec.name, s, len(rows), origin)
+    if carve_from in cols:
+        cols.update(_carve(spec, cols[carve_from]))
+
+    features = {f: datasets.Value("string") for f in spec.inputs}
+    features["label"] = datasets.Value("int64")
+    if spec.is_regression:
+        features["score"] = datasets.Value("float64")
+    out = {}
+    for s in wanted:
+        c = cols[s]
+        if not c["label"]:
+            raise TaskError(f"split '{s}' of task {spec.name} is empty after carving; "
+                            "raise the data.split fractions")
+        if s == "train" and k:
+            where = f"split 'train' of task {spec.name}"
+            c = _take(c, sample_k_shot(c["label"], k, seed, spec.labels, where))
+        out[s] = datasets.Dataset.from_dict(c, features=datasets.Features(features))
+    return out
+
+
+def check_task(spec: TaskSpec, data_dir: str | Path | None = None) -> dict[str, Any]:
+    """Load every split and summarise it (for `prompt-composer task check`).
+
+    Returns {"task", "source", "num_labels", "metric", "splits": {split: {"rows", "labels": {label: count}}}}
+    (plus "score": {min, max, mean} per split for regression tasks). Raises TaskError on the first fault.
+    """
+    ds = load_splits(spec, data_dir, k_shot=0)
+    summary: dict[str, Any] = {"task": spec.name, "source": spec.data["source"],
+                               "num_labels": spec.num_labels, "metric": spec.metric, "splits": {}}
+    for s, d in ds.items():
+        counts = Counter(d["label"])
+        entry: dict[str, Any] = {"rows": len(d),
+                                 "labels": {lab: counts.get(i, 0) for i, lab in enumerate(spec.labels)}}
+        if spec.is_regression:
+            sc = np.asarray(d["score"], dtype=np.float64)
+            entry["score"] = {"min": float(sc.min()), "max": float(sc.max()), "mean": float(sc.mean())}
+        summary["splits"][s] = entry
+    return summary

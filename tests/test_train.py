@@ -1,0 +1,153 @@
+"""The training loop on a tiny BERT: determinism, resume equality, NaN stop, joint mode, saving."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import composer.train as T
+from composer.errors import TrainingError
+from composer.library import Library
+from composer.train import TrainConfig, train
+
+
+def cfg(toy_task, tiny_bert_dir, tmp_path, **kw):
+    base = dict(task=str(toy_task), model=str(tiny_bert_dir), prompt_length=4, steps=12, batch_size=8, lr=0.1,
+                eval_every=4, max_eval=40, seed=0, run_dir=str(tmp_path / "run"))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def final_prompt(run_dir) -> torch.Tensor:
+    return load_file(f"{run_dir}/checkpoint/trainable.safetensors")["prompt_source.weight"]
+
+
+def test_same_seed_same_numbers(toy_task, tiny_bert_dir, tmp_path):
+    a = train(cfg(toy_task, tiny_bert_dir, tmp_path, run_dir=str(tmp_path / "a")), progress=False)
+    b = train(cfg(toy_task, tiny_bert_dir, tmp_path, run_dir=str(tmp_path / "b")), progress=False)
+    assert torch.equal(final_prompt(tmp_path / "a"), final_prompt(tmp_path / "b"))
+    assert a["dev"] == b["dev"]
+    c = train(cfg(toy_task, tiny_bert_dir, tmp_path, run_dir=str(tmp_path / "c"), seed=1), progress=False)
+    assert not torch.equal(final_prompt(tmp_path / "a"), final_prompt(tmp_path / "c"))
+    assert c["steps"] == 12
+    lines = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "eval" in r] == [0, 4, 8, 12]
+    assert any("loss" in r for r in lines)
+
+
+def test_interrupt_then_resume_equals_uninterrupted(toy_task, tiny_bert_dir, tmp_path, monkeypatch):
+    train(cfg(toy_task, tiny_bert_dir, tmp_path, run_dir=str(tmp_path / "full")), progress=False)
+    calls = {"n": 0}
+    real = T.shard
+
+    def interrupt_at_7(idx, rank, world):
+        calls["n"] += 1
+        if calls["n"] == 8:  # Ctrl-C while step 7 is being prepared
+            raise KeyboardInterrupt
+        return real(idx, rank, world)
+
+    monkeypatch.setattr(T, "shard", interrupt_at_7)
+    c = cfg(toy_task, tiny_bert_dir, tmp_path, run_dir=str(tmp_path / "cut"))
+    with pytest.raises(TrainingError, match=r"interrupted at step 7; continue with --resume .*cut"):
+        train(c, progress=False)
+    state = json.loads((tmp_path / "cut" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 7
+    monkeypatch.setattr(T, "shard", real)
+    r = train(cfg(toy_task, tiny_bert_dir, tmp_path, run_dir=None), resume=tmp_path / "cut", progress=False)
+    assert r["steps"] == 12
+    torch.testing.assert_close(final_prompt(tmp_path / "cut"), final_prompt(tmp_path / "full"), rtol=0, atol=1e-6)
+
+
+def test_resume_refuses_another_task(toy_task, tiny_bert_dir, tmp_path):
+    train(cfg(toy_task, tiny_bert_dir, tmp_path, steps=2, eval_every=2), progress=False)
+    other = cfg(toy_task, tiny_bert_dir, tmp_path, model="minilm")
+    with pytest.raises(TrainingError, match="that run has model .* this one 'minilm'"):
+        train(other, resume=tmp_path / "run", progress=False)
+    with pytest.raises(TrainingError, match="no config.json there"):
+        train(other, resume=tmp_path / "nowhere", progress=False)
+
+
+def test_nan_loss_stops_and_keeps_checkpoint(toy_task, tiny_bert_dir, tmp_path, monkeypatch):
+    real = T.F.cross_entropy
+    n = {"i": 0}
+
+    def ce(*a, **k):  # the training loss (grad enabled) turns NaN from the 7th step on
+        n["i"] += a[0].requires_grad
+        loss = real(*a, **k)
+        return loss * float("nan") if n["i"] > 6 else loss
+
+    monkeypatch.setattr(T.F, "cross_entropy", ce)
+    with pytest.raises(TrainingError, match=r"loss became nan at step 6; the last good checkpoint"):
+        train(cfg(toy_task, tiny_bert_dir, tmp_path, checkpoint_every=2), progress=False)
+    state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 6
+    assert torch.isfinite(final_prompt(tmp_path / "run")).all()
+
+
+@pytest.mark.parametrize("kw,msg", [
+    ({"steps": 0}, "--steps must be positive, got 0"),
+    ({"lr": -1.0}, "prompt learning rate must be > 0, got -1.0"),
+    ({"mode": "joint", "model_lr": 0.0}, "--model-lr is 0.0 but --unfreeze all trains the backbone"),
+    ({"unfreeze": "last:x"}, "bad --unfreeze 'last:x'"),
+    ({"mode": "sideways"}, "unknown --mode 'sideways'"),
+    ({"warmup": 1.5}, "--warmup is a fraction"),
+])
+def test_bad_config(kw, msg):
+    with pytest.raises(TrainingError, match=msg):
+        TrainConfig(task="x", **kw)
+
+
+def test_unfreeze_beyond_depth(toy_task, tiny_bert_dir, tmp_path):
+    with pytest.raises(TrainingError, match="--unfreeze last:5 but the backbone has only 2 layers"):
+        train(cfg(toy_task, tiny_bert_dir, tmp_path, mode="joint", unfreeze="last:5"), progress=False)
+
+
+@pytest.mark.parametrize("unfreeze", ["bias", "last:1", "none"])
+def test_joint_mode_changes_exactly_the_chosen_weights(toy_task, tiny_bert_dir, tmp_path, unfreeze):
+    from transformers import AutoModel
+
+    before = {n: p.clone() for n, p in AutoModel.from_pretrained(tiny_bert_dir).named_parameters()}
+    prep = T.prepare(cfg(toy_task, tiny_bert_dir, tmp_path, mode="joint", unfreeze=unfreeze))
+    train(cfg(toy_task, tiny_bert_dir, tmp_path, mode="joint", unfreeze=unfreeze, steps=3, eval_every=3,
+              model_lr=1e-2, save="j"), prepared=prep, progress=False)
+    keep = T.backbone_filter(unfreeze, 2)
+    after = dict(prep.model.backbone.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
+    expected = {n for n in before if keep(n)}
+    assert changed <= expected and changed  or unfreeze == "none"
+    assert not (changed - expected)
+    if unfreeze == "none":
+        assert not changed
+    else:  # the optimizer touched (nearly) every chosen tensor; pooler weights get no gradient
+        assert len(changed) >= 0.8 * len([n for n in expected if "pooler" not in n])
+    entry = Library().load("j")
+    assert set(entry.extra("backbone") or {}) == expected
+
+
+def test_save_and_reload_linear_head(toy_task, tiny_bert_dir, tmp_path):
+    from composer.backbones import load_backbone
+    from composer.build import encode_split, from_library
+    from composer.evaluate import predict
+    from composer.tasks import load_splits, load_task
+
+    r = train(cfg(toy_task, tiny_bert_dir, tmp_path, head="linear", save="lin"), progress=False)
+    e = Library().load("lin")
+    assert e.meta["head"] == "linear" and set(e.extra("head")) == {"proj.weight", "proj.bias"}
+    assert e.meta["provenance"]["init"] == "random" and e.meta["task"] == "toy"
+    spec = load_task(str(toy_task))
+    pm = from_library(e, load_backbone(str(tiny_bert_dir)), spec)
+    enc = encode_split(spec, load_splits(spec, splits=["dev"])["dev"], pm.bb.tokenizer)
+    from composer.evaluate import score
+
+    assert score(spec, predict(pm, enc), enc)["score"] == pytest.approx(r["dev"]["score"])
+
+
+def test_batch_plan_is_a_function_of_the_step():
+    a, b = T.BatchPlan(10, 4, seed=3), T.BatchPlan(10, 4, seed=3)
+    seq = [a.indices(s) for s in range(6)]
+    assert [b.indices(s) for s in (5, 0, 3)] == [seq[5], seq[0], seq[3]]
+    flat = sum(seq[:5], [])  # 20 positions = two epochs, each a permutation of 0..9
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
+    assert T.shard(list(range(8)), 1, 2) == [4, 5, 6, 7]
