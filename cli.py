@@ -315,6 +315,35 @@ def library_rm(ctx, names):
         click.echo(f"removed {n}", err=True)
 
 
+@library.command("export-peft")
+@click.argument("name")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--base-model", help="base_model_name_or_path to record (default: the prompt's backbone hub id or path).")
+@click.option("--force", is_flag=True, help="Replace a non-empty OUT_DIR.")
+@click.pass_context
+def library_export_peft(ctx, name, out_dir, base_model, force):
+    """Export a static prompt as a PEFT prompt-tuning adapter (loads with peft.PeftModel.from_pretrained)."""
+    from composer.peft_io import export_peft
+
+    path = export_peft(_library(ctx), name, out_dir, base_model_name_or_path=base_model, overwrite=force)
+    click.echo(str(path))
+
+
+@library.command("import-peft")
+@click.argument("adapter_dir", type=click.Path(file_okay=False))
+@click.option("--name", required=True, help="Library name for the imported prompt.")
+@click.option("--backbone", help="Backbone to record (default: the adapter's base model).")
+@click.option("--task", "task_name", help="Task the prompt was trained on.")
+@click.option("--force", is_flag=True, help="Replace an existing library prompt of that name.")
+@click.pass_context
+def library_import_peft(ctx, adapter_dir, name, backbone, task_name, force):
+    """Import a PEFT prompt-tuning adapter into the library."""
+    from composer.peft_io import import_peft
+
+    e = import_peft(_library(ctx), adapter_dir, name, backbone_name=backbone, task=task_name, overwrite=force)
+    click.echo(f"imported {e.name}: [{e.prompt.shape[0]}, {e.prompt.shape[1]}] for {e.meta.get('backbone')}")
+
+
 def main() -> None:
     cli(obj={})
 

@@ -1,0 +1,289 @@
+"""Move static prompts between the library and PEFT prompt-tuning adapters.
+
+A PEFT prompt-tuning adapter is a folder of two files (what ``PeftModel.save_pretrained`` writes):
+
+    adapter_config.json          a PromptTuningConfig: peft_type "PROMPT_TUNING", task_type,
+                                 num_virtual_tokens (P), token_dim (H), num_transformer_submodules, ...
+    adapter_model.safetensors    key "prompt_embeddings": [num_transformer_submodules * P, H]
+
+``export_peft`` writes one from a library prompt (plus ``prompt-composer.json``, our prompt.json, which
+PEFT ignores and ``import_peft`` reads back so a round trip keeps the task and the backbone alias);
+``peft.PeftModel.from_pretrained(base_model, folder)`` loads it. ``import_peft`` reads one into the library.
+peft itself is not needed for either: the format is plain JSON and safetensors.
+
+Where the prompt goes. PEFT puts the virtual tokens in front of every input token; our PromptedModel does
+the same for decoders and encoder-decoders (encoder side), so there the PEFT model gives the same logits
+as ours. For BERT-style encoders we keep [CLS] first ([CLS] prompt rest) while PEFT puts the prompt
+before [CLS] (prompt [CLS] rest): the adapter loads and runs, but the positions differ by the [CLS]
+placement, so its outputs are not identical to ours (a prompt tuned with one placement may transfer
+imperfectly to the other).
+
+Encoder-decoders: PEFT's default for SEQ_2_SEQ_LM is two submodules (a prompt on the encoder and one on
+the decoder). Our prompts are encoder-side only, so we export num_transformer_submodules = 1, and on
+import keep the first P rows (the encoder side) of a two-submodule adapter, saying so in the provenance.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from composer.backbones import ALIASES
+from composer.errors import BackboneError, LibraryError
+from composer.library import META_FILE, Entry, Library, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+SIDECAR_FILE = "prompt-composer.json"  # our prompt.json, beside the adapter; PEFT ignores it
+PEFT_KEY = "prompt_embeddings"  # the name get_peft_model_state_dict gives a prompt-tuning prompt
+
+TASK_TYPE = {"decoder": "CAUSAL_LM", "encoder-decoder": "SEQ_2_SEQ_LM", "encoder": "FEATURE_EXTRACTION"}
+FAMILY = {"CAUSAL_LM": "decoder", "SEQ_2_SEQ_LM": "encoder-decoder"}  # anything else -> encoder
+
+
+def _peft_version() -> str | None:
+    """The installed peft's version, read from its metadata (peft is not imported)."""
+    try:
+        return importlib.metadata.version("peft")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def is_attention_composer(entry: Entry) -> bool:
+    """An ATTEMPT composer makes a prompt per example; its [P, H] tensor alone is not the model.
+    A distilled one (provenance "distilled": true) is a static prompt and exports fine."""
+    prov = entry.meta.get("provenance") or {}
+    if prov.get("distilled"):
+        return False
+    extras = entry.meta.get("extras") or []
+    return (prov.get("strategy") == "attention" or "composer" in extras
+            or (entry.path / "composer.safetensors").exists())
+
+
+def _base_model(backbone: str | None) -> tuple[str | None, Path | None]:
+    """-> (base_model_name_or_path for PEFT, a local folder that may hold its config.json)."""
+    if not backbone:
+        return None, None
+    if backbone in ALIASES:
+        from composer.backbones import alias_path
+
+        try:
+            folder = alias_path(backbone)
+        except BackboneError:
+            folder = None
+        return ALIASES[backbone].hf_id or backbone, folder
+    p = Path(backbone).expanduser()
+    if p.exists():
+        p = p.resolve()
+        return str(p), p if p.is_dir() else p.parent
+    return backbone, None
+
+
+def _shape_fields(folder: Path | None) -> dict:
+    """num_layers and num_attention_heads from the backbone's config.json when it is at hand.
+
+    PEFT does not use them for prompt tuning and fills them from the model when they are null."""
+    out = {"num_layers": None, "num_attention_heads": None}
+    try:
+        cfg = json.loads((folder / "config.json").read_text()) if folder else {}
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return out
+    cfg = cfg.get("text_config", cfg) if isinstance(cfg, dict) else {}
+    for key in ("num_hidden_layers", "num_layers", "n_layer"):
+        if isinstance(cfg.get(key), int):
+            out["num_layers"] = cfg[key]
+            break
+    for key in ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads"):
+        if isinstance(cfg.get(key), int):
+            out["num_attention_heads"] = cfg[key]
+            break
+    return out
+
+
+def adapter_config(prompt: torch.Tensor, family: str, base_model_name_or_path: str | None,
+                   num_layers: int | None = None, num_attention_heads: int | None = None) -> dict:
+    """The adapter_config.json of a [P, H] prompt: every field PromptTuningConfig has, as PEFT writes it."""
+    P, H = prompt.shape
+    return {
+        "auto_mapping": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "num_attention_heads": num_attention_heads,
+        "num_layers": num_layers,
+        "num_transformer_submodules": 1,  # encoder side only, also for SEQ_2_SEQ_LM (PEFT's default there is 2)
+        "num_virtual_tokens": int(P),
+        "peft_type": "PROMPT_TUNING",
+        "peft_version": _peft_version(),
+        "prompt_tuning_init": "RANDOM",  # only matters when PEFT initialises; the weights file overrides it
+        "prompt_tuning_init_text": None,
+        "revision": None,
+        "task_type": TASK_TYPE[family],
+        "token_dim": int(H),
+        "tokenizer_kwargs": None,
+        "tokenizer_name_or_path": None,
+    }
+
+
+def export_peft(library: Library, name: str, out_dir: str | Path, base_model_name_or_path: str | None = None,
+                overwrite: bool = False) -> Path:
+    """Write library prompt NAME as a PEFT prompt-tuning adapter folder; -> the folder.
+
+    ``base_model_name_or_path`` defaults to the prompt's backbone: a packaged alias becomes its upstream
+    hub id, a local path its absolute path. The folder is written whole or not at all (temp folder +
+    rename). Load it with ``peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out_dir)``
+    (AutoModelForSeq2SeqLM for encoder-decoders, AutoModel for encoders). Decoders and encoder-decoders
+    give the same logits as our PromptedModel; for BERT-style encoders PEFT puts the prompt before [CLS]
+    where we put it after, so positions differ by the [CLS] placement.
+    """
+    entry = library.load(name)
+    meta = entry.meta
+    if is_attention_composer(entry):
+        raise LibraryError(f"prompt '{name}' is an attention composer (per-example prompts); distill it first: "
+                           f"prompt-composer compose ... --distill")
+    family = meta.get("family")
+    if family not in TASK_TYPE:
+        raise LibraryError(f"prompt '{name}' has family {family!r} in {META_FILE}; a PEFT adapter needs one of "
+                           f"{', '.join(TASK_TYPE)} (set \"family\" in {entry.path / META_FILE})")
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise LibraryError(f"cannot export prompt '{name}' to {out}: it is a file; give a folder path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise LibraryError(f"cannot export prompt '{name}': {out} exists and is not empty; "
+                           f"give a new folder or pass overwrite (--force)")
+    for stem, why in (("head", "its linear head weights are not part of a PEFT prompt-tuning adapter"),
+                      ("backbone", "it was tuned jointly and the backbone weights it needs are not exported")):
+        if stem in (meta.get("extras") or []):
+            log.warning("prompt '%s': %s; exporting the prompt only", name, why)
+
+    base, folder = _base_model(meta.get("backbone"))
+    if base_model_name_or_path is not None:
+        base, folder = base_model_name_or_path, None
+        p = Path(base).expanduser()
+        if p.is_dir():
+            folder = p
+    config = adapter_config(entry.prompt, family, base, **_shape_fields(folder))
+    sidecar = {k: meta.get(k) for k in ("name", "task", "backbone", "family", "head", "hidden_size", "length",
+                                        "metrics", "provenance", "version")}
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        save_file({PEFT_KEY: entry.prompt.detach().to("cpu", torch.float32).contiguous()}, str(tmp / WEIGHTS_FILE),
+                  metadata={"format": "pt"})  # PEFT / transformers check this metadata key
+        atomic_write_text(tmp / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(tmp / SIDECAR_FILE, json.dumps(sidecar, indent=2, sort_keys=True, default=str) + "\n")
+        with open(tmp / WEIGHTS_FILE, "rb") as fh:
+            os.fsync(fh.fileno())
+        if out.exists():  # empty, or overwrite: swap the old folder out, the new one in
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("exported prompt '%s' [%d, %d] as a PEFT %s prompt-tuning adapter to %s",
+             name, *entry.prompt.shape, config["task_type"], out)
+    return out
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LibraryError(f"{path} is not valid JSON ({e}); is this {what}?") from None
+    if not isinstance(data, dict):
+        raise LibraryError(f"{path} must hold a JSON object")
+    return data
+
+
+def import_peft(library: Library, adapter_dir: str | Path, name: str, backbone_name: str | None = None,
+                task: str | None = None, overwrite: bool = False) -> Entry:
+    """Read a PEFT prompt-tuning adapter folder into the library as prompt NAME; -> the saved Entry.
+
+    The backbone is ``backbone_name``, else the one recorded by our exporter (prompt-composer.json),
+    else the adapter's base_model_name_or_path. Only PROMPT_TUNING adapters hold a plain [P, H] prompt;
+    anything else (LoRA, prefix tuning, p-tuning) is refused. Of a two-submodule (encoder and decoder)
+    seq2seq adapter the first P rows, the encoder side, are kept.
+    """
+    src = Path(adapter_dir).expanduser()
+    if not src.is_dir():
+        raise LibraryError(f"PEFT adapter folder {src} does not exist")
+    cfg_path = src / CONFIG_FILE
+    if not cfg_path.exists():
+        raise LibraryError(f"no {CONFIG_FILE} in {src}: not a PEFT adapter folder "
+                           f"(give the folder PeftModel.save_pretrained wrote)")
+    cfg = _read_json(cfg_path, "a PEFT adapter config")
+    peft_type = str(cfg.get("peft_type"))
+    if peft_type != "PROMPT_TUNING":
+        raise LibraryError(f"the adapter in {src} is a {peft_type} adapter; only PROMPT_TUNING (soft prompt) "
+                           f"adapters can be imported into the prompt library")
+    weights = src / WEIGHTS_FILE
+    if not weights.exists():
+        pickled = " (it has adapter_model.bin, a pickle we do not load: re-save it with " \
+                  "save_pretrained(..., safe_serialization=True))" if (src / "adapter_model.bin").exists() else ""
+        raise LibraryError(f"no {WEIGHTS_FILE} in {src}{pickled}")
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise LibraryError(f"{weights} is truncated or corrupted ({str(e).splitlines()[0]})") from None
+    if PEFT_KEY not in tensors:
+        raise LibraryError(f"{weights} has no '{PEFT_KEY}' tensor (keys: {sorted(tensors)})")
+    table = tensors[PEFT_KEY]  # [S * P, H]
+
+    task_type = cfg.get("task_type")
+    P = cfg.get("num_virtual_tokens")
+    S = cfg.get("num_transformer_submodules") or (2 if task_type == "SEQ_2_SEQ_LM" else 1)
+    H = cfg.get("token_dim")
+    if not isinstance(P, int) or P < 1:
+        raise LibraryError(f"{cfg_path}: num_virtual_tokens is {P!r}; expected a positive integer")
+    want = (S * P, H if isinstance(H, int) else table.shape[-1])
+    if table.dim() != 2 or tuple(table.shape) != want:
+        raise LibraryError(f"{weights}: '{PEFT_KEY}' has shape {tuple(table.shape)} but {CONFIG_FILE} says "
+                           f"[num_transformer_submodules * num_virtual_tokens, token_dim] = [{S} * {P}, {want[1]}]")
+    prompt = table[:P].float()  # [P, H]: the first block is the encoder side (or the only one)
+
+    ours = _read_json(src / SIDECAR_FILE, "our export sidecar") if (src / SIDECAR_FILE).exists() else {}
+    backbone = backbone_name or ours.get("backbone") or cfg.get("base_model_name_or_path")
+    if not backbone:
+        raise LibraryError(f"the adapter in {src} does not name its base model (base_model_name_or_path is null); "
+                           f"say which backbone it belongs to (--backbone)")
+    head = ours.get("head") if ours.get("head") in ("verbalizer", "label-similarity", "mlm") else None
+    provenance = {
+        "imported_from": str(src),
+        "peft_type": peft_type,
+        "peft_version": cfg.get("peft_version"),
+        "task_type": task_type,
+        "base_model_name_or_path": cfg.get("base_model_name_or_path"),
+        "num_transformer_submodules": S,
+    }
+    if S > 1:
+        provenance["note"] = (f"the adapter has {S} prompt blocks (encoder and decoder side); "
+                              f"kept the first {P} rows, the encoder side")
+    if ours:
+        provenance["exported_from"] = {"name": ours.get("name"), "provenance": ours.get("provenance")}
+    meta = {
+        "task": task or ours.get("task"),
+        "backbone": backbone,
+        "family": FAMILY.get(str(task_type), "encoder"),
+        "head": head,
+        "metrics": ours.get("metrics") or {},
+        "provenance": provenance,
+    }
+    library.save(name, prompt, meta, overwrite=overwrite)
+    log.info("imported PEFT adapter %s as prompt '%s' [%d, %d]", src, name, *prompt.shape)
+    return library.load(name)
