@@ -84,8 +84,11 @@ def make_head(spec, backbone: Backbone, kind: str, temperature: float = 0.05, se
 
 
 def init_prompt(init: str, length: int, backbone: Backbone, spec=None, seed: int = 0,
-                library: Library | None = None) -> tuple[torch.Tensor, dict]:
-    """-> (prompt [P, H], provenance). ``init``: random | vocab | text | text:SOME WORDS | library:NAME."""
+                library: Library | None = None) -> tuple[torch.Tensor | nn.Module, dict]:
+    """-> (prompt [P, H], provenance). ``init``: random | vocab | text | text:SOME WORDS | library:NAME.
+
+    A library entry that holds an attention composer comes back as its prompt-source module.
+    """
     emb = backbone.input_embeddings().weight.detach().float().cpu()
     g = torch.Generator().manual_seed(seed)
     if init == "random":
@@ -106,6 +109,11 @@ def init_prompt(init: str, length: int, backbone: Backbone, spec=None, seed: int
         if entry.meta.get("backbone") not in (None, backbone.name):
             log.warning("prompt '%s' was trained on '%s'; loading it into '%s' (same hidden size)",
                         name, entry.meta.get("backbone"), backbone.name)
+        from composer.compose import load_source
+
+        source = load_source(entry)  # an attention composer continues as a module
+        if source is not None:
+            return source, {"init": "library", "from": name, "composer": "attention"}
         return entry.prompt.clone(), {"init": "library", "from": name}
     raise ComposerError(f"unknown --init {init!r}: use random, vocab, text, text:WORDS or library:NAME")
 
@@ -133,7 +141,9 @@ def from_library(entry, backbone: Backbone, spec, head: str | None = None, tempe
     check_compatible(entry.meta, entry.name, backbone.name, backbone.family, backbone.hidden_size)
     same_task = entry.meta.get("task") == spec.name
     kind = head or (entry.meta.get("head") if same_task else None)
-    pm = build_model(backbone, spec, entry.prompt, head=kind, temperature=temperature)
+    from composer.compose import load_source
+
+    pm = build_model(backbone, spec, load_source(entry) or entry.prompt, head=kind, temperature=temperature)
     head_state = entry.extra("head")
     if head_state and same_task and pm.head.kind == "linear":
         pm.head.proj.load_state_dict({k.split(".", 1)[1]: v for k, v in head_state.items()})

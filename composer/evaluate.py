@@ -11,8 +11,11 @@ from composer.build import Encoded
 
 @torch.no_grad()
 def predict(pm, enc: Encoded, batch_size: int = 64, device: torch.device | str | None = None,
-            autocast=None) -> torch.Tensor:
-    """-> logits [N, C], in the split's order. Rows are batched by length to waste little padding."""
+            autocast=None, prompt: torch.Tensor | None = None) -> torch.Tensor:
+    """-> logits [N, C], in the split's order. Rows are batched by length to waste little padding.
+
+    ``prompt`` [P, H] replaces the model's own prompt source (to score candidate prompts).
+    """
     device = device or next(pm.parameters()).device
     was_training = pm.training
     pm.eval()
@@ -25,7 +28,7 @@ def predict(pm, enc: Encoded, batch_size: int = 64, device: torch.device | str |
             b = enc.batch(idx, pad)
             ctx = autocast() if autocast else torch.autocast("cpu", enabled=False)
             with ctx:
-                logits = pm(b["input_ids"].to(device), b["attention_mask"].to(device)).float().cpu()
+                logits = pm(b["input_ids"].to(device), b["attention_mask"].to(device), prompt=prompt).float().cpu()
             for i, row in zip(idx, logits):
                 out[i] = row
     finally:

@@ -453,6 +453,11 @@ def _check_resume(run_dir: Path, cfg: TrainConfig) -> None:
 def save_to_library(library: Library, name: str, model, prep: Prepared, cfg: TrainConfig, result: dict):
     """The trained prompt (+ head weights, + changed backbone weights in joint mode) as a library entry."""
     src = model.prompt_source
+    if hasattr(src, "composer"):  # a mixture: its static prompt is the mean mixed prompt over training inputs
+        from composer.compose import distill_over
+
+        distill_over(model, prep.train)
+        prep.provenance["strategy"] = "attention"
     static = src.static() if hasattr(src, "static") else None
     extras = {}
     head_state = {k: v for k, v in model.head.state_dict().items() if k.startswith("proj.")}

@@ -1,0 +1,333 @@
+"""The composer: a target task's prompt from its subtasks (part_of) and top-k sources (similar).
+
+    candidates(G, target)  -> the library prompts of the target's subtasks and top-k sources
+    compose(cfg)           -> a strategy turns them into a prompt; it goes into the library with its
+                              provenance, and the weights go back onto the graph's edges
+
+Strategies (math in composer/mixing.py):
+  best       score each candidate zero-shot on the target's few-shot examples, keep the best
+  average    similarity-weighted average (SPoT), softmax with a temperature
+  linear     weights optimized on the few-shot examples (LoraHub-style; L-BFGS-B or Powell), L1 penalty
+  attention  ATTEMPT: per-example mixtures through a small attention module + a trainable target prompt
+  concat     the subtask prompts joined along P in decomposition order
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from composer import graph as G_
+from composer import mixing
+from composer.backbones import Backbone, load_backbone
+from composer.build import Encoded, build_model, encode_split, freeze_backbone
+from composer.errors import ComposeError
+from composer.evaluate import predict, score
+from composer.library import Library
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("best", "average", "linear", "attention", "concat")
+
+
+@dataclass
+class Candidate:
+    node: str  # graph node (task)
+    prompt_name: str  # library entry
+    relation: str  # part_of | similar
+    weight: float | None  # prior (part_of) or similarity (similar)
+    prompt: torch.Tensor  # [P, H]
+    meta: dict
+
+
+@dataclass
+class ComposeConfig:
+    graph: str
+    """Graph YAML or node-link JSON (a name resolves in ./graphs then the catalogue)."""
+    target: str
+    strategy: str = "attention"
+    top_k: int = 3
+    """How many similar sources join the subtasks."""
+    metric: str | None = None
+    """Similarity metric of the similar edges to follow (None: any one metric)."""
+    shots: int = 16
+    """Target examples per class used by best, linear and attention."""
+    method: str = "lbfgs"
+    """linear: lbfgs (gradient-based) | powell | nelder-mead (gradient-free)."""
+    l1: float = 0.05
+    temperature: float | None = None
+    """average: softmax temperature (None: weights normalised by their sum); attention: None = H * e."""
+    steps: int = 0
+    """attention: training steps of the module on the few-shot examples at compose time (0 = untrained)."""
+    lr: float = 0.3
+    distill: bool = False
+    """attention: save one static [P, H] prompt (the mean mixed prompt) instead of the module."""
+    seed: int = 0
+    model: str | None = None
+    """Backbone (default: the graph's, else the candidates')."""
+    data_dir: str | None = None
+    save: str | None = None
+    out_graph: str | None = None
+    """Where to write the graph with the composed weights on its edges (node-link JSON)."""
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ComposeError(f"unknown --strategy {self.strategy!r}: use one of {', '.join(STRATEGIES)}")
+        if self.top_k < 0:
+            raise ComposeError(f"--top-k must be >= 0, got {self.top_k}")
+        if self.shots <= 0:
+            raise ComposeError(f"--shots must be positive, got {self.shots}")
+        if self.method not in ("lbfgs", "powell", "nelder-mead"):
+            raise ComposeError(f"unknown --method {self.method!r}: use lbfgs, powell or nelder-mead")
+
+
+def candidates(G, target: str, library: Library, metric: str | None = None, top_k: int = 3,
+               strategy: str = "average", backbone: str | None = None) -> list[Candidate]:
+    """The target's subtasks and top-k sources, with their library prompts.
+
+    Raises one ComposeError that lists every node without a usable prompt.
+    """
+    if target not in G:
+        raise ComposeError(f"target {target!r} is not in graph {G.graph.get('name')!r} "
+                           f"(nodes: {', '.join(map(str, G))})")
+    if strategy == "concat":
+        found = [(n, "part_of", w) for n, w in G_.subtasks(G, target)]
+        if not found:
+            raise ComposeError(f"concat needs subtasks, and {target!r} has no part_of edges in graph "
+                               f"{G.graph.get('name')!r}; use another --strategy or add a decomposition")
+    else:
+        found = G_.neighbours(G, target, metric=metric, top_k=top_k)
+    if not found:
+        raise ComposeError(f"target {target!r} has no candidates: no part_of edges and no similar edges"
+                           f"{f' under {metric}' if metric else ''}; run `prompt-composer graph link` first")
+    missing, out = [], []
+    for node, rel, w in found:
+        pname = G.nodes[node].get("prompt")
+        if not pname or not library.exists(pname):
+            missing.append(f"{node} (prompt {pname!r})" if pname else f"{node} (no prompt set)")
+            continue
+        e = library.load(pname)
+        out.append(Candidate(node, pname, rel, None if w is None else float(w), e.prompt, e.meta))
+    if missing:
+        raise ComposeError(f"candidates of {target!r} missing from the library {library.root}: "
+                           f"{'; '.join(missing)}; train them first")
+    names = [c.prompt_name for c in out]
+    for attr in ("hidden_size", "backbone"):
+        vals = {c.prompt_name: c.meta.get(attr) for c in out}
+        if len(set(vals.values())) > 1:
+            raise ComposeError(f"candidates of {target!r} differ in {attr.replace('_', ' ')}: "
+                               + ", ".join(f"{k}={v}" for k, v in vals.items()))
+    if backbone and out[0].meta.get("backbone") not in (None, backbone):
+        raise ComposeError(f"candidates {names} are for backbone {out[0].meta.get('backbone')!r}, "
+                           f"not {backbone!r}")
+    if strategy != "concat":
+        lengths = {c.prompt_name: c.prompt.shape[0] for c in out}
+        if len(set(lengths.values())) > 1:
+            raise ComposeError(f"candidates of {target!r} differ in prompt length: "
+                               + ", ".join(f"{k}={v}" for k, v in lengths.items())
+                               + "; use --strategy concat or retrain them with one --prompt-length")
+    return out
+
+
+class MixtureSource(nn.Module):
+    """An AttentionComposer as a prompt source: forward(embeds, mask) -> [B, P, H]."""
+
+    def __init__(self, composer: mixing.AttentionComposer):
+        super().__init__()
+        self.composer = composer
+        self._static: torch.Tensor | None = None
+
+    def forward(self, embeds: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        prompts, _ = self.composer(embeds.float(), mask)
+        return prompts
+
+    def set_static(self, prompt: torch.Tensor) -> None:
+        self._static = prompt.detach()
+
+    def static(self) -> torch.Tensor:
+        """The distilled prompt (set by distill_over) or, before that, the target prompt."""
+        return self._static if self._static is not None else self.composer.target_prompt.detach()
+
+    def state_for_save(self):
+        return self.composer.state_for_save()
+
+
+def distill_over(pm, enc: Encoded, batch_size: int = 64, limit: int = 512) -> torch.Tensor:
+    """The mean per-example prompt of a MixtureSource over (up to ``limit``) inputs: [P, H]."""
+    src = pm.prompt_source
+    pad = pm.bb.tokenizer.pad_token_id
+    idx = list(range(min(len(enc), limit)))
+    batches = []
+    with torch.no_grad():
+        for s in range(0, len(idx), batch_size):
+            b = enc.batch(idx[s : s + batch_size], pad)
+            batches.append((pm.embed(b["input_ids"]).float(), b["attention_mask"]))
+    prompt = src.composer.distill(batches)
+    src.set_static(prompt)
+    return prompt
+
+
+def mean_attention(pm, enc: Encoded, batch_size: int = 64) -> torch.Tensor:
+    """Attention weights of a MixtureSource per example: [N, K+1] (last column: the target prompt)."""
+    pad = pm.bb.tokenizer.pad_token_id
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(enc), batch_size):
+            b = enc.batch(range(s, min(s + batch_size, len(enc))), pad)
+            _, w = pm.prompt_source.composer(pm.embed(b["input_ids"]).float(), b["attention_mask"])
+            out.append(w)
+    return torch.cat(out)
+
+
+def _few_shot(spec, backbone: Backbone, shots: int, seed: int, data_dir) -> Encoded:
+    from composer.tasks import load_splits
+
+    splits = load_splits(spec, data_dir=data_dir, splits=["train"], k_shot=0, seed=seed)
+    ds = splits["train"]
+    labels = ds["label"]
+    g = torch.Generator().manual_seed(seed)
+    idx = []
+    for c in range(spec.num_labels):
+        members = [i for i, y in enumerate(labels) if y == c]
+        if shots > len(members):
+            raise ComposeError(f"--shots {shots} is larger than class {spec.labels[c]!r} of {spec.name}'s "
+                               f"training set ({len(members)} examples); lower --shots")
+        perm = torch.randperm(len(members), generator=g)[:shots].tolist()
+        idx += [members[i] for i in perm]
+    return encode_split(spec, ds.select(sorted(idx)), backbone.tokenizer)
+
+
+def compose(cfg: ComposeConfig, library: Library | None = None, backbone: Backbone | None = None) -> dict:
+    """Compose the target's prompt; save it (cfg.save) and write the weights onto the graph (cfg.out_graph)."""
+    from composer.tasks import load_task
+
+    library = library or Library()
+    G = G_.load_graph(cfg.graph)
+    cands = candidates(G, cfg.target, library, cfg.metric, cfg.top_k, cfg.strategy,
+                       backbone=cfg.model or G.graph.get("backbone"))
+    names = [c.node for c in cands]
+    stack = None if cfg.strategy == "concat" else torch.stack([c.prompt for c in cands])  # [K, P, H]
+    spec = load_task(G.nodes[cfg.target].get("task") or cfg.target)
+    needs_model = cfg.strategy in ("best", "linear", "attention")
+    bb = backbone
+    if needs_model and bb is None:
+        bb = load_backbone(cfg.model or cands[0].meta.get("backbone") or G.graph.get("backbone"))
+    result: dict = {"target": cfg.target, "strategy": cfg.strategy, "candidates": names,
+                    "prompts": [c.prompt_name for c in cands], "relations": [c.relation for c in cands],
+                    "metric": cfg.metric, "seed": cfg.seed}
+    extras, provenance = {}, {}
+    torch.manual_seed(cfg.seed)
+
+    if cfg.strategy == "concat":
+        prompt = mixing.concat([c.prompt for c in cands])
+        weights = [1.0] * len(cands)
+    elif cfg.strategy == "average":
+        w = [c.weight if c.weight is not None else 1.0 for c in cands]
+        if cfg.temperature is None:
+            prompt, wt = mixing.average(stack, torch.tensor(w), normalise="sum")
+        else:
+            prompt, wt = mixing.average(stack, torch.tensor(w), temperature=cfg.temperature)
+        weights = wt.tolist()
+    else:
+        shots = _few_shot(spec, bb, cfg.shots, cfg.seed, cfg.data_dir)
+        pm = build_model(bb, spec, stack[0].clone(), seed=cfg.seed)
+        freeze_backbone(pm)
+        pm.eval()  # deterministic scores while choosing
+        result["shots"] = len(shots)
+        if cfg.strategy == "best":
+            def score_fn(p):
+                return score(spec, predict(pm, shots, prompt=p), shots)["score"]
+
+            i, scores = mixing.pick_best(stack, score_fn)
+            prompt = stack[i].clone()
+            weights = [1.0 if j == i else 0.0 for j in range(len(cands))]
+            result["scores"] = [float(s) for s in scores]
+        elif cfg.strategy == "linear":
+            pad = bb.tokenizer.pad_token_id
+            b = shots.batch(range(len(shots)), pad)
+
+            def loss_fn(p):
+                return F.cross_entropy(pm(b["input_ids"], b["attention_mask"], prompt=p).float(), b["labels"])
+
+            res = mixing.optimize_linear(stack, loss_fn, method=cfg.method, l1=cfg.l1, seed=cfg.seed)
+            prompt = mixing.combine(torch.as_tensor(res.weights, dtype=torch.float32), stack).detach()
+            weights = [float(x) for x in res.weights]
+            result["optimizer"] = {k: v for k, v in res.to_dict().items() if k != "history"}
+            if not res.converged:
+                log.warning("linear weights did not converge (%s); keeping the best found (loss %.4f)",
+                            res.message, res.loss)
+        else:  # attention
+            comp = mixing.AttentionComposer(stack, temperature=cfg.temperature, seed=cfg.seed)
+            pm = build_model(bb, spec, MixtureSource(comp), seed=cfg.seed)
+            freeze_backbone(pm)
+            if cfg.steps > 0:
+                _fit(pm, shots, cfg.steps, cfg.lr, cfg.seed)
+            att = mean_attention(pm, shots)  # [N, K+1]
+            weights = att.mean(0)[:-1].tolist()
+            result["target_weight"] = float(att.mean(0)[-1])
+            result["per_class"] = {spec.labels[c]: att[shots.labels == c].mean(0).tolist()
+                                   for c in range(spec.num_labels)}
+            prompt = distill_over(pm, shots)
+            if not cfg.distill:
+                tensors, conf = comp.state_for_save()
+                extras["composer"] = tensors
+                provenance["composer_config"] = conf
+            provenance["distilled"] = bool(cfg.distill)
+    result["weights"] = weights
+    if cfg.save:
+        provenance.update(strategy=cfg.strategy, graph=str(cfg.graph), candidates=names,
+                          prompts=[c.prompt_name for c in cands], weights=weights, metric=cfg.metric,
+                          shots=cfg.shots if needs_model else None, seed=cfg.seed, top_k=cfg.top_k)
+        meta = {"task": spec.name, "backbone": cands[0].meta.get("backbone"), "family": cands[0].meta.get("family"),
+                "head": cands[0].meta.get("head"), "metrics": {}, "config": vars(cfg).copy(),
+                "provenance": provenance}
+        library.save(cfg.save, prompt, meta, extras=extras)
+        result["saved"] = cfg.save
+    write_weights(G, cfg.target, cands, weights, cfg.strategy)
+    if cfg.out_graph:
+        G_.save_graph(G, cfg.out_graph)
+        result["graph"] = str(cfg.out_graph)
+    result["shape"] = list(prompt.shape)
+    return result
+
+
+def write_weights(G, target: str, cands: list[Candidate], weights: list[float], strategy: str) -> None:
+    """Put each candidate's composed weight on its edge as ``composed:<strategy>``."""
+    for c, w in zip(cands, weights):
+        for u, _, d in G.in_edges(target, data=True):
+            if u == c.node and d.get("relation") == c.relation:
+                d[f"composed:{strategy}"] = float(w)
+
+
+def _fit(pm, enc: Encoded, steps: int, lr: float, seed: int, batch_size: int = 16) -> None:
+    """A few AdamW steps on the prompt-source parameters (attention module + target prompt)."""
+    from composer.train import BatchPlan
+
+    params = [p for p in pm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    plan = BatchPlan(len(enc), min(batch_size, len(enc)), seed)
+    pad = pm.bb.tokenizer.pad_token_id
+    pm.train()
+    for s in range(steps):
+        torch.manual_seed(seed * 1_000_003 + s)
+        b = enc.batch(plan.indices(s), pad)
+        loss = F.cross_entropy(pm(b["input_ids"], b["attention_mask"]).float(), b["labels"])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    pm.eval()
+
+
+def load_source(entry, library: Library | None = None) -> nn.Module | None:
+    """A library entry that holds an attention composer -> its MixtureSource (else None)."""
+    tensors = entry.extra("composer")
+    if not tensors:
+        return None
+    conf = (entry.meta.get("provenance") or {}).get("composer_config") or {}
+    src = MixtureSource(mixing.AttentionComposer.from_saved(tensors, conf))
+    src.set_static(entry.prompt)
+    return src
