@@ -254,6 +254,64 @@ def eval_cmd(ctx, name, task_name, model, split, head, max_examples, data_dir, a
                       f"accuracy {r['accuracy']:.4f}  loss {r['loss']:.4f}")
 
 
+# ------------------------------------------------------------------------------------------- compose
+@cli.command()
+@click.argument("graph_path", metavar="GRAPH")
+@click.option("--target", required=True, help="Target node of the graph.")
+@click.option("--strategy", type=click.Choice(["best", "average", "linear", "attention", "concat"]),
+              default="attention", show_default=True)
+@click.option("--top-k", default=3, show_default=True, type=int, help="Similar sources joining the subtasks.")
+@click.option("--metric", help="Follow similar edges of this metric (default: any one).")
+@click.option("--shots", default=16, show_default=True, type=int, help="Target examples per class (best, linear, attention).")
+@click.option("--method", type=click.Choice(["lbfgs", "powell", "nelder-mead"]), default="lbfgs", show_default=True,
+              help="linear: gradient-based (lbfgs) or gradient-free.")
+@click.option("--l1", default=0.05, show_default=True, type=float, help="linear: L1 penalty on the weights.")
+@click.option("--temperature", type=float, help="average: softmax temperature (default: normalised weights); "
+              "attention: default H*e.")
+@click.option("--steps", default=0, show_default=True, type=int, help="attention: fit the module on the shots first.")
+@click.option("--distill", is_flag=True, help="attention: save one static prompt (the mean mixture), e.g. for PEFT.")
+@click.option("--model", help="Backbone (default: the candidates').")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--data-dir", type=click.Path(file_okay=False), envvar="PROMPT_COMPOSER_DATA")
+@click.option("--save", help="Library name for the composed prompt.")
+@click.option("--out", "out_graph", type=click.Path(dir_okay=False), help="Write the graph with the weights (JSON).")
+@click.option("--plot", type=click.Path(dir_okay=False), help="attention: PNG of the weights per class.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def compose(ctx, graph_path, target, strategy, top_k, metric, shots, method, l1, temperature, steps, distill, model,
+            seed, data_dir, save, out_graph, plot, as_json):
+    """Compose TARGET's prompt from its subtasks and top-k similar sources in GRAPH.
+
+    \b
+    Examples:
+      prompt-composer compose graphs/demo.yaml --target negated-polarity --strategy attention --save np-attn
+      prompt-composer compose graphs/demo.yaml --target negated-polarity --strategy linear --shots 16 --save np-lin --json
+      prompt-composer compose graphs/demo.yaml --target negated-polarity --strategy average --top-k 3 --metric cos-avg
+      prompt-composer compose graphs/demo.yaml --target negated-polarity --strategy concat
+    """
+    from composer.compose import ComposeConfig, compose as run_compose
+
+    cfg = ComposeConfig(graph=graph_path, target=target, strategy=strategy, top_k=top_k, metric=metric, shots=shots,
+                        method=method, l1=l1, temperature=temperature, steps=steps, distill=distill, seed=seed,
+                        model=model, data_dir=data_dir, save=save, out_graph=out_graph)
+    r = run_compose(cfg, library=_library(ctx))
+    if plot and r.get("per_class"):
+        from composer.plots import weights_per_class
+
+        r["plot"] = str(weights_per_class(r["per_class"], r["candidates"] + ["(target)"], plot,
+                                          title=f"{target}: attention weights per class"))
+    if as_json:
+        _emit(r, True)
+        return
+    rows = [[c, rel, f"{w:+.3f}"] for c, rel, w in zip(r["candidates"], r["relations"], r["weights"])]
+    lines = [f"{strategy} composition of {target}: prompt {r['shape']}"
+             + (f", saved as '{r['saved']}'" if r.get("saved") else ""), _table(rows, ["candidate", "edge", "weight"])]
+    if "optimizer" in r:
+        o = r["optimizer"]
+        lines.append(f"optimizer {o.get('method')}: loss {o['loss']:.4f}, converged {o['converged']} ({o['message']})")
+    click.echo("\n".join(lines))
+
+
 # ------------------------------------------------------------------------------------------- library
 @cli.group()
 def library():
