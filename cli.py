@@ -223,15 +223,20 @@ def train(ctx, task_name, model, head, prompt_length, init, mode, unfreeze, step
 @click.option("--head", type=click.Choice(["verbalizer", "label-similarity", "linear"]))
 @click.option("--max-examples", type=int, help="Evaluate on at most this many examples (seeded subset).")
 @click.option("--data-dir", type=click.Path(file_okay=False), envvar="PROMPT_COMPOSER_DATA")
+@click.option("--matrix", is_flag=True, help="Zero-shot transfer of many prompts (--prompts) on many tasks (--tasks).")
+@click.option("--prompts", help="--matrix: comma-separated prompt names (default: all).")
+@click.option("--tasks", "tasks_", help="--matrix: comma-separated task names.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="--matrix: heatmap PNG.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def eval_cmd(ctx, name, task_name, model, split, head, max_examples, data_dir, as_json):
+def eval_cmd(ctx, name, task_name, model, split, head, max_examples, data_dir, matrix, prompts, tasks_, plot, as_json):
     """Evaluate a library prompt on a task's split.
 
     \b
     Examples:
       prompt-composer eval polarity-minilm --task polarity --json
       prompt-composer eval polarity-minilm --task negated-polarity --split test
+      prompt-composer eval --matrix --prompts polarity-minilm,negation-minilm --tasks negated-polarity,topic --json
     """
     from composer.backbones import load_backbone
     from composer.build import encode_split, from_library
@@ -239,9 +244,25 @@ def eval_cmd(ctx, name, task_name, model, split, head, max_examples, data_dir, a
     from composer.tasks import load_splits, load_task
     from composer.train import _subset
 
-    if not name:
-        raise click.UsageError("give a prompt NAME")
     lib = _library(ctx)
+    if matrix:
+        from composer.transfer import transfer_matrix
+
+        if not tasks_:
+            raise click.UsageError("--matrix needs --tasks T1,T2,...")
+        names = prompts.split(",") if prompts else lib.names()
+        r = transfer_matrix(lib, names, tasks_.split(","), model=model, data_dir=data_dir,
+                            max_examples=max_examples or 500, split=split)
+        if plot:
+            from composer.plots import similarity_heatmap
+
+            r["plot"] = str(similarity_heatmap(r["scores"], r["prompts"], r["tasks"], plot,
+                                               title="zero-shot transfer", cbar_label="dev score"))
+        _emit(r, as_json, _table([[p] + [f"{x:.3f}" for x in row] for p, row in zip(r["prompts"], r["scores"])],
+                                 ["prompt \\ task"] + r["tasks"]))
+        return
+    if not name:
+        raise click.UsageError("give a prompt NAME (or --matrix)")
     entry = lib.load(name)
     spec = load_task(task_name or entry.meta.get("task"))
     bb = load_backbone(model or entry.meta["backbone"])
@@ -252,6 +273,153 @@ def eval_cmd(ctx, name, task_name, model, split, head, max_examples, data_dir, a
     r.update(prompt=name, task=spec.name, split=split, backbone=bb.name, head=pm.head.kind)
     _emit(r, as_json, f"{name} on {spec.name}/{split} ({r['n']} examples): {r['metric']} {r['score']:.4f}  "
                       f"accuracy {r['accuracy']:.4f}  loss {r['loss']:.4f}")
+
+
+# --------------------------------------------------------------------------------------------- graph
+@cli.group()
+def graph():
+    """Show, validate, draw and link task graphs (graphs/NAME.yaml or node-link JSON)."""
+
+
+def _graph_summary(G) -> dict:
+    from composer import graph as G_
+
+    nodes = [{"name": n, **{k: v for k, v in d.items()}} for n, d in G.nodes(data=True)]
+    edges = [{"source": u, "target": v, "key": k, **d} for u, v, k, d in G.edges(keys=True, data=True)]
+    targets = [n for n, d in G.nodes(data=True) if d.get("role") == "target"]
+    return {"name": G.graph.get("name"), "backbone": G.graph.get("backbone"), "nodes": nodes, "edges": edges,
+            "subtasks": {t: [s for s, _ in G_.subtasks(G, t)] for t in targets}}
+
+
+@graph.command("show")
+@click.argument("graph_path", metavar="GRAPH")
+@click.option("--json", "as_json", is_flag=True)
+def graph_show(graph_path, as_json):
+    """Nodes (role, task, prompt) and edges (part_of, similar) of a graph."""
+    from composer import graph as G_
+
+    G = G_.load_graph(graph_path)
+    d = _graph_summary(G)
+    if as_json:
+        _emit(d, True)
+        return
+    click.echo(f"graph {d['name']} (backbone {d['backbone']}): {len(d['nodes'])} nodes, {len(d['edges'])} edges")
+    click.echo(_table([[n["name"], n.get("role"), n.get("task"), n.get("prompt") or ""] for n in d["nodes"]],
+                      ["node", "role", "task", "prompt"]))
+    if d["edges"]:
+        click.echo("")
+        click.echo(_table([[e["source"], e.get("relation"), e["target"],
+                            "" if e.get("weight") is None else f"{e['weight']:.3f}", e.get("metric") or ""]
+                           for e in d["edges"]], ["from", "edge", "to", "weight", "metric"]))
+
+
+@graph.command("validate")
+@click.argument("graph_path", metavar="GRAPH")
+@click.option("--prompts/--no-prompts", "check_prompts", default=None,
+              help="Check that every named prompt is in the library (default: when the library has any).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def graph_validate(ctx, graph_path, check_prompts, as_json):
+    """Report every fault of a graph, one per line (exit 1 when there is any)."""
+    from composer import graph as G_
+    from composer.tasks import list_tasks
+
+    G = G_.load_graph(graph_path)
+    lib = _library(ctx)
+    if check_prompts is None:
+        check_prompts = bool(lib.names())
+    known = set(list_tasks())
+    faults = G_.validate(G, library=lib if check_prompts else None, task_exists=lambda t: t in known)
+    if as_json:
+        _emit({"graph": G.graph.get("name"), "ok": not faults, "faults": faults}, True)
+    elif faults:
+        for f in faults:
+            click.echo(f, err=True)
+    else:
+        click.echo(f"graph {G.graph.get('name')}: ok ({G.number_of_nodes()} nodes, {G.number_of_edges()} edges)")
+    if faults:
+        ctx.exit(1)
+
+
+@graph.command("draw")
+@click.argument("graph_path", metavar="GRAPH")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
+def graph_draw(graph_path, out):
+    """Draw a graph as PNG: roles as colours, part_of solid, similar dashed, weights on the edges."""
+    from composer import graph as G_
+    from composer.plots import draw_graph
+
+    G = G_.load_graph(graph_path)
+    click.echo(str(draw_graph(G, out, title=G.graph.get("name"))))
+
+
+@graph.command("link")
+@click.argument("graph_path", metavar="GRAPH")
+@click.option("--metric", default="cos-avg", show_default=True,
+              help="cos-avg | euclid-avg | cos-tok | euclid-tok | on | transfer (zero-shot score on the target).")
+@click.option("--top-k", default=3, show_default=True, type=int)
+@click.option("--target", "targets", multiple=True, help="Only these targets (default: every target node).")
+@click.option("--max-examples", default=300, show_default=True, type=int, help="transfer: dev examples per target.")
+@click.option("--data-dir", type=click.Path(file_okay=False), envvar="PROMPT_COMPOSER_DATA")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Where to write the linked graph (JSON).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def graph_link(ctx, graph_path, metric, top_k, targets, max_examples, data_dir, out, as_json):
+    """Add similar edges (top-k sources per target) measured from the library's prompts."""
+    from composer import graph as G_
+    from composer.transfer import link_graph
+
+    G = G_.load_graph(graph_path)
+    r = link_graph(G, _library(ctx), metric=metric, top_k=top_k, targets=list(targets) or None, data_dir=data_dir,
+                   max_examples=max_examples)
+    G_.save_graph(G, out)
+    r["out"] = out
+    if as_json:
+        _emit(r, True)
+        return
+    for t, sc in r["scores"].items():
+        click.echo(f"{t}: " + ", ".join(f"{n} {v:.3f}" for n, v in list(sc.items())[:top_k]))
+    for t, why in r["skipped"].items():
+        click.echo(f"skipped {t}: {why}", err=True)
+    click.echo(f"wrote {out}")
+
+
+# ---------------------------------------------------------------------------------------- similarity
+@cli.command()
+@click.argument("names", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="Every prompt in the library.")
+@click.option("--metric", default="cos-avg", show_default=True, help="cos-avg | euclid-avg | cos-tok | euclid-tok | on")
+@click.option("--model", help="Backbone for --metric on (default: the prompts').")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write a heatmap PNG.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def similarity(ctx, names, all_, metric, model, plot, as_json):
+    """All-pairs similarity of library prompts.
+
+    \b
+    Examples:
+      prompt-composer similarity polarity-minilm negation-minilm topic-minilm --metric on --json
+      prompt-composer similarity --all --metric cos-tok --plot similarity.png
+    """
+    from composer.backbones import load_backbone
+    from composer.similarity import check_metric
+    from composer.transfer import similarity_matrix
+
+    check_metric(metric)
+    lib = _library(ctx)
+    names = list(lib.names() if all_ else names)
+    if len(names) < 2:
+        raise click.UsageError("name two or more prompts, or pass --all")
+    m = similarity_matrix(lib, names, metric, backbone=load_backbone(model) if model else None)
+    d = {"metric": metric, "names": names, "matrix": [[round(float(x), 6) for x in row] for row in m]}
+    if plot:
+        from composer.plots import similarity_heatmap
+
+        d["plot"] = str(similarity_heatmap(m, names, names, plot, title=f"prompt similarity ({metric})"))
+    if as_json:
+        _emit(d, True)
+        return
+    click.echo(_table([[n] + [f"{x:.3f}" for x in row] for n, row in zip(names, d["matrix"])], [metric] + names))
 
 
 # ------------------------------------------------------------------------------------------- compose
@@ -400,6 +568,39 @@ def library_import_peft(ctx, adapter_dir, name, backbone, task_name, force):
 
     e = import_peft(_library(ctx), adapter_dir, name, backbone_name=backbone, task=task_name, overwrite=force)
     click.echo(f"imported {e.name}: [{e.prompt.shape[0]}, {e.prompt.shape[1]}] for {e.meta.get('backbone')}")
+
+
+# ---------------------------------------------------------------------------------------------- demo
+@cli.command()
+@click.option("--model", default="minilm", show_default=True)
+@click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--source-steps", default=300, show_default=True, type=int)
+@click.option("--target-steps", default=100, show_default=True, type=int)
+@click.option("--k-shot", default=16, show_default=True, type=int, help="Target training examples per class.")
+@click.option("--target", "targets", multiple=True, help="Targets to compose (default: negated-polarity, topic-polarity).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--retrain", is_flag=True, help="Retrain the subtask prompts even if the library has them.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def demo(ctx, model, out, source_steps, target_steps, k_shot, targets, seed, retrain, quiet, as_json):
+    """The whole pipeline on the built-in suite: sources -> graph -> compose -> tune -> report.
+
+    Trains (or reuses) the subtask prompts, links the demo graph, composes negated-polarity and
+    topic-polarity with every strategy, tunes each next to a random-init baseline, and writes
+    OUT/report.md with the table, the graph picture and the learning curves.
+    """
+    from composer.demo import DemoConfig, results_table, run_demo
+
+    cfg = DemoConfig(model=model, out=out, source_steps=source_steps, target_steps=target_steps, k_shot=k_shot,
+                     seed=seed, retrain=retrain, **({"targets": tuple(targets)} if targets else {}))
+    report = run_demo(cfg, library=_library(ctx), progress=not quiet,
+                      echo=lambda m: click.echo(m, err=True))
+    if as_json:
+        _emit(report, True)
+        return
+    click.echo(results_table(report))
+    click.echo(f"\nreport: {Path(out) / 'report.md'} ({report['seconds']} s)")
 
 
 def main() -> None:
