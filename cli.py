@@ -160,18 +160,25 @@ def task_check(name, data_dir, as_json):
 @click.option("--patience", default=0, show_default=True, type=int, help="Early stop after N evals without gain.")
 @click.option("--k-shot", type=int, help="Train on k examples per class.")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--temperature", default=0.05, show_default=True, type=float, help="Label-similarity temperature.")
+@click.option("--temperature", default=0.05, show_default=True, type=float,
+              help="Label-similarity temperature; with --multitask, the sampling temperature T (default 1).")
 @click.option("--mixed-precision", type=click.Choice(["no", "bf16", "fp16"]), default="no", show_default=True)
 @click.option("--data-dir", type=click.Path(file_okay=False), envvar="PROMPT_COMPOSER_DATA")
 @click.option("--save", help="Save the best prompt to the library under this name.")
 @click.option("--run-dir", type=click.Path(file_okay=False), help="Run folder (default runs/SAVE or runs/TASK-TIME).")
 @click.option("--resume", type=click.Path(file_okay=False), help="Continue the run in this folder.")
+@click.option("--multitask", is_flag=True, help="Train many tasks at once (--graph or --tasks), mixed batches.")
+@click.option("--graph", "graph_path", help="--multitask: every task of this graph.")
+@click.option("--tasks", "task_list", help="--multitask: comma-separated task names.")
+@click.option("--composer", "composer_kind", type=click.Choice(["none", "attention"]), default="none", show_default=True,
+              help="--multitask: one attention module shared across tasks over the graph's source prompts.")
+@click.option("--save-prefix", help="--multitask: save each task's best prompt as PREFIX+TASK.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def train(ctx, task_name, model, head, prompt_length, init, mode, unfreeze, steps, batch_size, lr, model_lr, schedule,
           warmup, eval_every, max_eval, patience, k_shot, seed, temperature, mixed_precision, data_dir, save, run_dir,
-          resume, quiet, as_json):
+          resume, multitask, graph_path, task_list, composer_kind, save_prefix, quiet, as_json):
     """Tune a soft prompt (and, with --mode joint, the backbone) on TASK.
 
     \b
@@ -180,9 +187,32 @@ def train(ctx, task_name, model, head, prompt_length, init, mode, unfreeze, step
       prompt-composer train sst2 --model smollm2-135m --data-dir ../shared/data --steps 50 --save sst2-smol
       prompt-composer train rte --init library:rte-composed --mode joint --unfreeze last:2 --save rte-joint
       prompt-composer train polarity --resume runs/polarity-minilm
+      prompt-composer train --graph graphs/demo.yaml --multitask --temperature 2 --steps 2000 --save-prefix mt-
     """
     from composer.train import TrainConfig, train as run_train
 
+    if multitask or graph_path or task_list:
+        from composer.multitask import MultiTaskConfig, train_multitask
+
+        if not (graph_path or task_list):
+            raise click.UsageError("--multitask needs --graph GRAPH or --tasks a,b,...")
+        ctx_src = click.get_current_context()
+        given = lambda name: ctx_src.get_parameter_source(name).name != "DEFAULT"  # noqa: E731
+        mcfg = MultiTaskConfig(tasks=task_list, graph=graph_path, model=model if given("model") else None, head=head,
+                               prompt_length=prompt_length, init=init, mode=mode, unfreeze=unfreeze, steps=steps,
+                               batch_size=batch_size, lr=lr, model_lr=model_lr, schedule=schedule, warmup=warmup,
+                               eval_every=eval_every, max_eval=max_eval, patience=patience, k_shot=k_shot, seed=seed,
+                               temperature=temperature if given("temperature") else 1.0, composer=composer_kind,
+                               mixed_precision=mixed_precision, data_dir=data_dir, save_prefix=save_prefix,
+                               run_dir=run_dir)
+        result = train_multitask(mcfg, library=_library(ctx), progress=not quiet, resume=resume)
+        if as_json:
+            _emit(result, True)
+            return
+        rows = [[t, f"{r['initial']['score']:.4f}" if r.get("initial") else "", f"{r['dev']['score']:.4f}",
+                 r.get("saved") or ""] for t, r in result["per_task"].items()]
+        click.echo(_table(rows, ["task", "dev before", "dev after", "saved"]))
+        return
     if resume and not task_name:
         cfg_file = Path(resume) / "config.json"
         if not cfg_file.exists():

@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from composer import __version__
 from composer.backbones import Backbone, load_backbone
 from composer.build import Encoded, build_model, encode_split, freeze_backbone, init_prompt, resolve_head
 from composer.errors import ComposerError, TrainingError
@@ -228,6 +227,16 @@ def _atomic_dir(final: Path, write) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def recover_dir(final: Path) -> None:
+    """A kill between the two renames of _atomic_dir leaves only .NAME.*.old beside it: put it back."""
+    if final.exists():
+        return
+    olds = sorted(final.parent.glob(f".{final.name}.*.old"), key=lambda p: p.stat().st_mtime)
+    if olds:
+        log.warning("%s was being replaced when the run stopped; restoring the previous one", final)
+        os.rename(olds[-1], final)
+
+
 def save_checkpoint(path: Path, model, optimizer, scheduler, state: dict) -> None:
     def write(d: Path):
         save_file(trainable_state(model), str(d / "trainable.safetensors"))
@@ -321,10 +330,12 @@ def _param_groups(cfg: TrainConfig, model) -> list[dict]:
 def train(cfg: TrainConfig, prepared: Prepared | None = None, resume: str | Path | None = None,
           library: Library | None = None, progress: bool = True, accelerator=None) -> dict:
     """Train, keep the best dev checkpoint, optionally save to the library. -> a result dict."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
 
+    # joint mode trains backbone weights no head reads (BERT's pooler): DDP must allow unused parameters
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.mode == "joint")
     acc = accelerator or Accelerator(mixed_precision=cfg.mixed_precision if torch.cuda.is_available() else "no",
-                                     cpu=not torch.cuda.is_available())
+                                     cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
     if resume:
@@ -343,6 +354,10 @@ def train(cfg: TrainConfig, prepared: Prepared | None = None, resume: str | Path
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
     ckpt, best_dir = run_dir / "checkpoint", run_dir / "best"
+    if resume and acc.is_main_process:
+        recover_dir(ckpt)
+        recover_dir(best_dir)
+    acc.wait_for_everyone()
     if resume and (ckpt / "state.json").exists():
         state = load_checkpoint(ckpt, model, optimizer, scheduler)
         log.info("resuming %s at step %d", run_dir, state["step"])
@@ -371,8 +386,11 @@ def train(cfg: TrainConfig, prepared: Prepared | None = None, resume: str | Path
         bar = tqdm(total=cfg.steps, initial=state["step"], desc=f"train {prep.spec.name}", file=sys.stderr,
                    dynamic_ncols=True, leave=False)
     if state["step"] == 0 and state["best"] is None:
+        # the init is a candidate like any checkpoint: a composed prompt may already beat what tuning reaches
         r0 = do_eval(0)
-        state["initial"] = r0
+        state.update(initial=r0, best=r0["score"], best_step=0)
+        if acc.is_main_process:
+            _atomic_dir(best_dir, lambda d: save_file(trainable_state(core), str(d / "trainable.safetensors")))
     model.train()
     t0, step = time.time(), state["step"]
     try:
@@ -383,7 +401,10 @@ def train(cfg: TrainConfig, prepared: Prepared | None = None, resume: str | Path
             with acc.autocast():
                 logits = model(b["input_ids"].to(acc.device), b["attention_mask"].to(acc.device))
                 loss = F.cross_entropy(logits.float(), b["labels"].to(acc.device))
-            if not torch.isfinite(loss):
+            finite = torch.isfinite(loss.detach()).float().view(1)
+            if acc.num_processes > 1:  # every process stops together, or the others hang in backward
+                finite = acc.gather(finite).min()
+            if not finite.item():
                 raise TrainingError(f"loss became {loss.item()} at step {step}; the last good checkpoint is in "
                                     f"{ckpt} (lower --lr, currently {cfg.lr})")
             acc.backward(loss)
@@ -395,7 +416,8 @@ def train(cfg: TrainConfig, prepared: Prepared | None = None, resume: str | Path
             step += 1
             state["step"] = step
             if step % 10 == 0 or step == cfg.steps:
-                log_line({"step": step, "loss": round(loss.item(), 6), "lr": scheduler.get_last_lr()[0]})
+                mean_loss = acc.reduce(loss.detach(), reduction="mean")  # the global batch's, not rank 0's share
+                log_line({"step": step, "loss": round(mean_loss.item(), 6), "lr": scheduler.get_last_lr()[0]})
             if bar:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}", best=state["best"] if state["best"] is None

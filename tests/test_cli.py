@@ -94,3 +94,17 @@ def test_prompt_into_wrong_hidden_size(toy_task, tiny_bert_dir):
     Library().save("wide", torch.zeros(4, 48), {"task": "toy", "backbone": "x", "family": "encoder"})
     err = one_line_error(run("eval", "wide", "--task", toy_task, "--model", tiny_bert_dir, ok=False))
     assert "hidden size 48" in err and "has hidden size 32" in err
+
+
+def test_multitask_from_cli(toy_task, tiny_bert_dir, tmp_path):
+    from tests.conftest import write_toy_task
+
+    other = write_toy_task(tmp_path, name="toy2", seed=1)
+    res = jrun("train", "--multitask", "--tasks", f"{toy_task},{other}", "--model", tiny_bert_dir, "--steps", 4,
+               "--eval-every", 2, "--prompt-length", 4, "--batch-size", 8, "--temperature", 2, "--save-prefix", "mt-",
+               "--run-dir", tmp_path / "mt", "--quiet")
+    assert set(res["per_task"]) == {"toy", "toy2"}
+    assert sorted(p["name"] for p in jrun("library", "list")["prompts"]) == ["mt-toy", "mt-toy2"]
+    bad = run("train", "--multitask", "--tasks", f"{toy_task},{other}", "--model", tiny_bert_dir, "--temperature", 0,
+              ok=False)
+    assert "temperature" in one_line_error(bad)
