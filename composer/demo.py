@@ -32,9 +32,9 @@ class DemoConfig:
     targets: tuple[str, ...] = ("negated-polarity", "topic-polarity")
     strategies: tuple[str, ...] = STRATEGIES
     prompt_length: int = 20
-    source_steps: int = 300
+    source_steps: int = 150
     """Steps for each subtask prompt (full training data)."""
-    target_steps: int = 100
+    target_steps: int = 80
     """The same budget for every arm on a target."""
     k_shot: int = 16
     """Target training examples per class: composition matters most in the few-shot regime."""
@@ -43,11 +43,18 @@ class DemoConfig:
     batch_size: int = 16
     lr: float = 0.3
     eval_every: int = 20
-    max_eval: int = 400
+    max_eval: int = 300
     seed: int = 0
     retrain: bool = False
     """Retrain subtask prompts even when the library has them."""
     extra: dict = field(default_factory=dict)
+
+
+def model_slug(model: str) -> str:
+    """minilm -> minilm; a path or hub id -> its last part, safe as a library name."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model.rstrip("/")).name).strip("-.") or "model"
 
 
 def _curve(run_dir: Path) -> tuple[list[int], list[float]]:
@@ -80,6 +87,9 @@ def run_demo(cfg: DemoConfig, library: Library | None = None, progress: bool = T
 
     # 1. subtask and source prompts
     sources = [n for n, d in G.nodes(data=True) if d.get("role") in ("source", "subtask")]
+    slug = model_slug(cfg.model)
+    for n in G.nodes:  # prompts are named per backbone: another --model never overwrites the minilm ones
+        G.nodes[n]["prompt"] = f"{n}-{slug}"
     source_results = {}
     for n in sources:
         name = G.nodes[n]["prompt"]
@@ -89,7 +99,7 @@ def run_demo(cfg: DemoConfig, library: Library | None = None, progress: bool = T
             continue
         echo(f"[1/4] train prompt {name} ({cfg.source_steps} steps)")
         tc = TrainConfig(task=G.nodes[n].get("task") or n, model=cfg.model, prompt_length=cfg.prompt_length,
-                         steps=cfg.source_steps, batch_size=cfg.batch_size, lr=cfg.lr, eval_every=cfg.source_steps // 3,
+                         steps=cfg.source_steps, batch_size=cfg.batch_size, lr=cfg.lr, eval_every=max(1, cfg.source_steps // 3),
                          max_eval=cfg.max_eval, seed=cfg.seed, save=name, run_dir=str(out / "sources" / n))
         r = train(tc, prepared=prepare(tc, backbone=bb, library=lib), library=lib, progress=progress)
         source_results[n] = {"reused": False, "dev": r["dev"], "initial": r["initial"]}
@@ -127,7 +137,7 @@ def run_demo(cfg: DemoConfig, library: Library | None = None, progress: bool = T
                              max_eval=cfg.max_eval, seed=cfg.seed, k_shot=cfg.k_shot, run_dir=str(out / target / arm))
             r = train(tc, prepared=prepare(tc, backbone=bb, library=lib), library=lib, progress=progress)
             curves[arm] = _curve(out / target / arm)
-            arms.setdefault(arm, {}).update(initial=r["initial"]["score"], dev=r["dev"]["score"],
+            arms.setdefault(arm, {}).update(initial=r["initial"]["score"], dev=r["best"],
                                             test=(r.get("test") or {}).get("score"), best_step=r["best_step"])
         base_final = arms["random"]["dev"]
         for arm in arms:
@@ -144,7 +154,8 @@ def run_demo(cfg: DemoConfig, library: Library | None = None, progress: bool = T
 
 
 def results_table(report: dict) -> str:
-    lines = ["| target | init | dev acc. at step 0 | dev acc. after tuning | test acc. | steps to random's final |",
+    lines = ["| target | init | dev acc. at step 0 | dev acc. after tuning (best checkpoint) | test acc. | "
+             "steps to random's final |",
              "|---|---|---:|---:|---:|---:|"]
     for target, arms in report["targets"].items():
         for arm, r in arms.items():
@@ -161,7 +172,8 @@ def render_report(report: dict) -> str:
         "# prompt-composer demo report", "",
         f"Backbone `{c['model']}`, graph `{c['graph']}`, prompt length {c['prompt_length']}, seed {c['seed']}. "
         f"Every arm on a target is tuned for {c['target_steps']} steps on {c['k_shot']} training examples per class "
-        f"(batch {c['batch_size']}, prompt lr {c['lr']}); dev accuracy on {c['max_eval']} held-out examples. "
+        f"(batch {c['batch_size']}, prompt lr {c['lr']}); dev accuracy on {c['max_eval']} held-out examples "
+        f"(the checkpoint with the best dev accuracy is kept, the init included), test accuracy on the whole test split. "
         f"Total time {report['seconds']} s.", "",
         "## Results", "", results_table(report), "",
         "`random` is prompt tuning from a random init; the other arms start from a prompt composed out of the "

@@ -117,9 +117,12 @@ class LabelSimilarityHead(nn.Module):
         self.temperature = temperature
         self.pool_prompt = pool_prompt
         self._cache: torch.Tensor | None = None
+        self._params_key, self._params = None, []  # a plain list, not registered as a submodule
 
     def label_embeddings(self, pm) -> torch.Tensor:
-        trainable = any(p.requires_grad for p in pm.backbone.parameters())
+        if self._params_key != id(pm.backbone):  # parameters() recurses through every module: ~140 us a call
+            self._params_key, self._params = id(pm.backbone), list(pm.backbone.parameters())
+        trainable = any(p.requires_grad for p in self._params)
         if self._cache is not None and not trainable and self._cache.device == self.label_input_ids.device:
             return self._cache
         was_training = pm.backbone.training

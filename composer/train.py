@@ -345,6 +345,7 @@ def train(cfg: TrainConfig, prepared: Prepared | None = None, resume: str | Path
     prep = prepared or prepare(cfg, library=library)
     model = prep.model
     groups = _param_groups(cfg, model)
+    trainable = [p for g in groups for p in g["params"]]  # clip what trains; model.parameters() walks the backbone
     optimizer = torch.optim.AdamW(groups)
     warmup = int(cfg.warmup * cfg.steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule, warmup, cfg.steps))
@@ -397,7 +398,10 @@ def train(cfg: TrainConfig, prepared: Prepared | None = None, resume: str | Path
         while step < cfg.steps:
             idx = shard(plan.indices(step), acc.process_index, acc.num_processes)
             b = prep.train.batch(idx, pad)
-            torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout masks: a function of the step
+            seed = cfg.seed * 1_000_003 + step  # dropout masks: a function of the step
+            torch.random.default_generator.manual_seed(seed)  # torch.manual_seed also seeds every accelerator: slow
+            if acc.device.type == "cuda":
+                torch.cuda.manual_seed(seed)
             with acc.autocast():
                 logits = model(b["input_ids"].to(acc.device), b["attention_mask"].to(acc.device))
                 loss = F.cross_entropy(logits.float(), b["labels"].to(acc.device))
@@ -409,7 +413,7 @@ def train(cfg: TrainConfig, prepared: Prepared | None = None, resume: str | Path
                                     f"{ckpt} (lower --lr, currently {cfg.lr})")
             acc.backward(loss)
             if cfg.max_grad_norm:
-                acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                acc.clip_grad_norm_(trainable, cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -449,7 +453,7 @@ def train(cfg: TrainConfig, prepared: Prepared | None = None, resume: str | Path
         load_trainable(core, load_file(str(best_dir / "trainable.safetensors")))
     result = {"task": prep.spec.name, "model": cfg.model, "steps": step, "best_step": state["best_step"],
               "seconds": round(time.time() - t0, 2), "run_dir": str(run_dir), "metric": prep.spec.metric,
-              "initial": state.get("initial"),
+              "initial": state.get("initial"), "best": state["best"],  # both on the same dev subset (max_eval)
               "dev": evaluate(core, prep.spec, prep.dev, cfg.eval_batch_size, acc.device, acc.autocast)}
     if prep.test is not None:
         result["test"] = evaluate(core, prep.spec, prep.test, cfg.eval_batch_size, acc.device, acc.autocast)

@@ -1,0 +1,460 @@
+"""Overhead of one prompt-tuning training step: prompt-composer vs PEFT vs the bare backbone.
+
+For each backbone, on one fixed batch (B rows of exactly T tokens, P prompt tokens), the wall
+time of one training step (forward -> cross-entropy over label scores -> backward -> clip -> AdamW):
+
+  (a) prompt-composer: the PromptedModel, head, param groups, optimizer, scheduler and accelerate
+      calls of composer/train.py (the step body of its loop, the objects built by its own helpers);
+  (b) PEFT PromptTuning (get_peft_model + PromptTuningConfig) with the same loss;
+  (c) the bare backbone on inputs_embeds = prompt spliced into the word embeddings, the prompt
+      the only tensor that requires grad, the same loss.
+
+Losses. Encoders (minilm): the label-similarity head's loss: cos(mean-pooled last hidden state
+over prompt + input, the label-description embeddings, encoded once) / temperature -> CE.
+Decoders (smollm2-135m): the verbalizer's loss: log-softmax of the next-token logits at the last
+position, gathered at the single-token label words -> CE. (b) and (c) ask the LM head for the last
+position only (``logits_to_keep=1``), as composer does, so no arm pays for [B, P+T, V] logits.
+
+Prompt placement: composer puts the prompt after [CLS] on BERT-style encoders; (c) does the same so
+that (a) and (c) compute the very same function (checked below); PEFT can only put it in front.
+The cost is the same either way (one concatenation of P+T rows).
+
+The arms share one backbone object (one load, same weights, same train/eval mode: train mode,
+as composer/train.py runs, so dropout is on in minilm for every arm; --no-dropout turns it off for
+all). Before timing, with dropout off, the script checks that the arms' losses and prompt gradients
+agree, that each feeds the backbone [B, P+T, H] embeddings, and that each trains exactly P*H
+numbers; during timing it checks after every step that the arm's prompt moved.
+
+Run (2 CPU cores):
+    python bench/step_overhead.py --models minilm,smollm2-135m --threads 2 --repeats 30,20 \\
+        --warmup 5,3 --out bench/step_overhead.json
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+ARMS = ("a", "b", "c")
+ARM_NAMES = {"a": "prompt-composer", "b": "PEFT PromptTuning", "c": "bare backbone"}
+TASK = "polarity"  # built-in, offline; label words " bad"/" good" are single tokens on SmolLM2
+
+
+# -- the batch ----------------------------------------------------------------------------------
+def fixed_batch(train, tokenizer, family: str, B: int, T: int) -> tuple[torch.Tensor, ...]:
+    """B rows of exactly T real tokens (no padding), from the task's own training sentences.
+
+    Each row starts with one training sentence and is filled up with the following ones, so every arm
+    sees the same [B, T] ids and an all-ones mask (the last real token is at T-1 for every row).
+    -> input_ids [B, T], attention_mask [B, T], labels [B] (the first sentence's label).
+    """
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    specials = set(tokenizer.all_special_ids)
+    bert_like = family == "encoder" and cls is not None and sep is not None
+    n = len(train)
+    rows, labels = [], []
+    for i in range(B):
+        body, j = [], i
+        while len(body) < T:
+            body += [t for t in train.ids[j % n] if t not in specials]
+            j += 1
+        rows.append([cls] + body[: T - 2] + [sep] if bert_like else body[:T])
+        labels.append(int(train.labels[i]))
+    ids = torch.tensor(rows, dtype=torch.long)
+    return ids, torch.ones_like(ids), torch.tensor(labels, dtype=torch.long)
+
+
+def splice(prompt: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor, after_first: bool):
+    """prompt [P, H], embeds [B, T, H], mask [B, T] -> ([B, P+T, H], [B, P+T])."""
+    B = embeds.shape[0]
+    p = prompt.unsqueeze(0).expand(B, -1, -1)  # [B, P, H]
+    ones = mask.new_ones(B, prompt.shape[0])
+    if after_first:  # [CLS] prompt rest
+        return torch.cat([embeds[:, :1], p, embeds[:, 1:]], 1), torch.cat([mask[:, :1], ones, mask[:, 1:]], 1)
+    return torch.cat([p, embeds], 1), torch.cat([ones, mask], 1)
+
+
+# -- the three arms ------------------------------------------------------------------------------
+class ComposerArm:
+    """(a): everything built by composer's own helpers; step() is the body of composer/train.py's loop."""
+
+    def __init__(self, bb, P: int, B: int, lr: float, steps: int):
+        from accelerate import Accelerator
+
+        from composer.train import TrainConfig, _param_groups, lr_lambda, prepare
+
+        self.cfg = TrainConfig(task=TASK, model=bb.name, prompt_length=P, batch_size=B, lr=lr, steps=steps,
+                               warmup=0.0, schedule="constant", seed=0)
+        self.prep = prepare(self.cfg, backbone=bb)  # task data, random init prompt, default head, model
+        self.acc = Accelerator(cpu=True, mixed_precision="no")
+        model = self.prep.model
+        self.optimizer = torch.optim.AdamW(_param_groups(self.cfg, model))  # freezes the backbone
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(self.cfg.schedule, 0, self.cfg.steps))
+        self.model, self.optimizer = self.acc.prepare(model, self.optimizer)
+        self.core = self.acc.unwrap_model(self.model)
+        self.step_no = 0
+
+    def prompt(self) -> torch.Tensor:
+        return self.core.prompt_source.weight
+
+    def loss(self, ids, mask, labels) -> torch.Tensor:
+        acc, cfg = self.acc, self.cfg
+        torch.manual_seed(cfg.seed * 1_000_003 + self.step_no)  # as train.py: dropout masks follow the step
+        with acc.autocast():
+            logits = self.model(ids.to(acc.device), mask.to(acc.device))
+            loss = F.cross_entropy(logits.float(), labels.to(acc.device))
+        return loss
+
+    def step(self, ids, mask, labels) -> torch.Tensor:
+        acc, cfg = self.acc, self.cfg
+        loss = self.loss(ids, mask, labels)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"(a) loss became {loss.item()}")
+        acc.backward(loss)
+        if cfg.max_grad_norm:
+            acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_no += 1
+        return loss.detach()
+
+
+@dataclass
+class Loss:
+    """The loss of (b) and (c), the same as the composer head's: scores [B, C] -> cross-entropy."""
+
+    decoder: bool
+    label_ids: torch.Tensor | None  # [C] single-token label words (decoders)
+    label_emb: torch.Tensor | None  # [C, H] unit label-description embeddings (encoders)
+    temperature: float
+    max_grad_norm: float
+
+    def __call__(self, out, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """out: the backbone's output; mask [B, P+T]; labels [B]."""
+        if self.decoder:  # out.logits [B, 1, V]: the last position only (logits_to_keep=1)
+            scores = F.log_softmax(out.logits[:, -1].float(), dim=-1)[:, self.label_ids]  # [B, C]
+        else:
+            hidden = out.last_hidden_state  # [B, P+T, H]
+            m = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-6)  # [B, H]
+            scores = F.normalize(pooled.float(), dim=-1) @ self.label_emb.T / self.temperature  # [B, C]
+        return F.cross_entropy(scores, labels)
+
+    def kwargs(self) -> dict:
+        return {"logits_to_keep": 1} if self.decoder else {}
+
+
+def update(loss: torch.Tensor, params: list[torch.Tensor], optimizer, max_grad_norm: float) -> torch.Tensor:
+    """The plain step of (b) and (c): backward, clip, AdamW."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+class PeftArm:
+    """(b): PEFT PromptTuning on the same backbone object, its prompt copied from (a)'s init."""
+
+    def __init__(self, bb, P: int, init: torch.Tensor, lr: float, loss: Loss):
+        from peft import PromptTuningConfig, TaskType, get_peft_model
+
+        task_type = TaskType.CAUSAL_LM if bb.family == "decoder" else TaskType.FEATURE_EXTRACTION
+        self.model = get_peft_model(bb.model, PromptTuningConfig(task_type=task_type, num_virtual_tokens=P))
+        with torch.no_grad():
+            self.prompt().copy_(init)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)
+        self.P, self.loss_fn = P, loss
+
+    def prompt(self) -> torch.Tensor:
+        return self.model.prompt_encoder["default"].embedding.weight
+
+    def loss(self, ids, mask, labels) -> torch.Tensor:
+        out = self.model(input_ids=ids, attention_mask=mask, **self.loss_fn.kwargs())
+        full = torch.cat([mask.new_ones(mask.shape[0], self.P), mask], 1)  # [B, P+T], as PEFT builds it
+        return self.loss_fn(out, full, labels)
+
+    def step(self, ids, mask, labels) -> torch.Tensor:
+        return update(self.loss(ids, mask, labels), self.params, self.optimizer, self.loss_fn.max_grad_norm)
+
+
+class BareArm:
+    """(c): the backbone's own forward on spliced embeddings; only the [P, H] prompt requires grad."""
+
+    def __init__(self, bb, init: torch.Tensor, lr: float, loss: Loss, after_first: bool):
+        self.bb = bb
+        self.weight = nn.Parameter(init.detach().clone())
+        self.optimizer = torch.optim.AdamW([self.weight], lr=lr, weight_decay=0.0)
+        self.loss_fn, self.after_first = loss, after_first
+
+    def prompt(self) -> torch.Tensor:
+        return self.weight
+
+    def loss(self, ids, mask, labels, after_first: bool | None = None) -> torch.Tensor:
+        after_first = self.after_first if after_first is None else after_first
+        model = self.bb.model
+        embeds = model.get_input_embeddings()(ids)  # [B, T, H]
+        x, m = splice(self.weight, embeds, mask, after_first)  # [B, P+T, H], [B, P+T]
+        return self.loss_fn(model(inputs_embeds=x, attention_mask=m, **self.loss_fn.kwargs()), m, labels)
+
+    def step(self, ids, mask, labels) -> torch.Tensor:
+        return update(self.loss(ids, mask, labels), [self.weight], self.optimizer, self.loss_fn.max_grad_norm)
+
+
+# -- checks -------------------------------------------------------------------------------------
+def _loss_and_grad(arm, ids, mask, labels, **kw) -> tuple[float, torch.Tensor]:
+    p = arm.prompt()
+    p.grad = None
+    loss = arm.loss(ids, mask, labels, **kw)
+    loss.backward()
+    g = p.grad.detach().clone()
+    p.grad = None
+    return loss.item(), g
+
+
+def check_arms(bb, arms: dict, ids, mask, labels, P: int) -> dict:
+    """Same function, same-size work, same number of trainable numbers. Dropout off while checking."""
+    B, T = ids.shape
+    H = bb.hidden_size
+    for k, arm in arms.items():
+        n = sum(p.numel() for p in (arm.optimizer.param_groups[0]["params"]))
+        total = sum(p.numel() for g in arm.optimizer.param_groups for p in g["params"])
+        assert total == n == P * H, f"({k}) trains {total} numbers, expected P*H = {P * H}"
+        assert torch.equal(arm.prompt().detach(), arms["a"].prompt().detach()), f"({k}) starts elsewhere"
+    # every arm hands the transformer stack [B, P+T, H] embeddings and a [B, P+T] mask
+    seen = {}
+    stack = bb.model.base_model  # BertModel itself; LlamaModel inside LlamaForCausalLM
+
+    def hook(_mod, args, kwargs):
+        e = kwargs.get("inputs_embeds")
+        seen["shape"] = (tuple(e.shape) if e is not None else None, tuple(kwargs["attention_mask"].shape))
+
+    handle = stack.register_forward_pre_hook(hook, with_kwargs=True)
+    was_training = bb.model.training
+    bb.model.eval()
+    try:
+        res = {}
+        for k, arm in arms.items():
+            seen.clear()
+            res[k] = _loss_and_grad(arm, ids, mask, labels)
+            assert seen.get("shape") == ((B, P + T, H), (B, P + T)), f"({k}) fed {seen.get('shape')}"
+        front = _loss_and_grad(arms["c"], ids, mask, labels, after_first=False)  # PEFT's placement
+    finally:
+        handle.remove()
+        bb.model.train(was_training)
+
+    def close(x, y):
+        same_loss = abs(x[0] - y[0]) <= 1e-4 * max(1.0, abs(y[0]))
+        return same_loss and torch.allclose(x[1], y[1], rtol=1e-3, atol=1e-6)
+
+    assert close(res["a"], res["c"]), f"(a) and (c) disagree: loss {res['a'][0]} vs {res['c'][0]}"
+    assert close(res["b"], front), f"(b) and (c), prompt in front, disagree: {res['b'][0]} vs {front[0]}"
+    return {"loss_a": res["a"][0], "loss_b": res["b"][0], "loss_c": res["c"][0]}
+
+
+# -- timing -------------------------------------------------------------------------------------
+def quantiles(xs: list[float]) -> tuple[float, float, float]:
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return q[0], statistics.median(xs), q[2]
+
+
+def bench_model(name: str, args, repeats: int, warmup: int) -> dict:
+    from composer.backbones import load_backbone
+
+    load_before = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    bb = load_backbone(name)
+    load_s = time.perf_counter() - t0
+    B, T, P = args.batch_size, args.seq_len, args.prompt_length
+    a = ComposerArm(bb, P, B, args.lr, steps=warmup + repeats + 10)
+    head = a.core.head
+    ids, mask, labels = fixed_batch(a.prep.train, bb.tokenizer, bb.family, B, T)
+    label_ids = label_emb = None
+    if head.kind == "verbalizer":
+        assert head.single, "the benchmark's decoder loss needs single-token label words"
+        label_ids = torch.tensor([t[0] for t in head.label_token_ids])
+    elif head.kind == "label-similarity":
+        with torch.no_grad():
+            label_emb = head.label_embeddings(a.core).detach().clone()  # [C, H], encoded once (frozen)
+    else:
+        raise SystemExit(f"{name}: default head {head.kind} is not benchmarked")
+    init = a.prompt().detach().clone()
+    loss = Loss(bb.family == "decoder", label_ids, label_emb, a.cfg.temperature, a.cfg.max_grad_norm)
+    arms = {"a": a, "b": PeftArm(bb, P, init, args.lr, loss),
+            "c": BareArm(bb, init, args.lr, loss, after_first=a.core.after_first)}
+    checks = check_arms(bb, arms, ids, mask, labels, P)
+
+    # train mode for the shared backbone, as train.py's model.train(); --no-dropout: eval mode for all
+    a.model.train(not args.no_dropout)
+    times = {k: [] for k in ARMS}
+    losses = {k: [] for k in ARMS}
+    for r in range(warmup + repeats):
+        for k in ARMS:  # a, b, c, a, b, c, ...: drift hits every arm alike
+            arm = arms[k]
+            before = arm.prompt().detach().clone()
+            gc.collect()
+            t = time.perf_counter()
+            loss = arm.step(ids, mask, labels)
+            dt = time.perf_counter() - t
+            assert not torch.equal(before, arm.prompt().detach()), f"({k}) step {r} left its prompt unchanged"
+            losses[k].append(float(loss))
+            if r >= warmup:
+                times[k].append(dt)
+        print(f"  {name} repeat {r + 1}/{warmup + repeats}: " + "  ".join(
+            f"{k} {times[k][-1] * 1e3:.1f} ms" if r >= warmup else f"{k} warm-up" for k in ARMS),
+            file=sys.stderr, flush=True)
+
+    stats = {}
+    for k in ARMS:
+        q1, med, q3 = quantiles(times[k])
+        stats[k] = {"median_ms": med * 1e3, "q1_ms": q1 * 1e3, "q3_ms": q3 * 1e3, "iqr_ms": (q3 - q1) * 1e3,
+                    "times_ms": [x * 1e3 for x in times[k]], "loss_first": losses[k][0],
+                    "loss_last": losses[k][-1]}
+    paired = {f"{x}/{y}": statistics.median(p / q for p, q in zip(times[x], times[y]))
+              for x, y in (("a", "b"), ("a", "c"))}
+    out = {"model": name, "family": bb.family, "head": head.kind, "hidden": bb.hidden_size,
+           "B": B, "T": T, "P": P,
+           "repeats": repeats, "warmup": warmup, "dropout": not args.no_dropout, "load_s": round(load_s, 1),
+           "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # before load, after timing
+           "checks": checks, "arms": stats,
+           "ratio_of_medians": {"a/b": stats["a"]["median_ms"] / stats["b"]["median_ms"],
+                                "a/c": stats["a"]["median_ms"] / stats["c"]["median_ms"]},
+           "median_paired_ratio": paired}
+    if args.profile:
+        out["profile"] = profile_arms(arms, ids, mask, labels, args.profile)
+    del arms, a
+    gc.collect()
+    return out
+
+
+def profile_arms(arms: dict, ids, mask, labels, steps: int) -> dict:
+    """torch.profiler over ``steps`` steps of each arm -> the top operators by self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tables = {}
+    for k, arm in arms.items():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                arm.step(ids, mask, labels)
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+        print(f"\n== profile ({k}) {ARM_NAMES[k]}, {steps} steps ==\n{table}", file=sys.stderr)
+        tables[k] = table
+    return tables
+
+
+# -- report -------------------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(threads: int) -> dict:
+    import peft
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "python": platform.python_version(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+            "threads": threads, "interop_threads": torch.get_num_interop_threads()}
+
+
+def markdown(results: list[dict], env: dict, command: str) -> str:
+    def cell(s):
+        return f"{s['median_ms']:.1f} ({s['q1_ms']:.1f}–{s['q3_ms']:.1f})"
+
+    lines = [
+        f"`{command}`",
+        "",
+        f"torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}; CPU {env['cpu']} "
+        f"({env['cpu_count']} logical), torch threads {env['threads']}.",
+        "Median ms per training step (25th–75th percentile); a/b and a/c are ratios of medians "
+        "[median of the per-repeat paired ratios]. Load = 1-minute load average before / after the model's "
+        "run "
+        "(other processes on the machine compete for the same cores).",
+        "",
+        "| backbone | B × T, P | repeats | (a) prompt-composer | (b) PEFT PromptTuning | (c) bare backbone "
+        "| a/b | a/c | load |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        s, rom, pr = r["arms"], r["ratio_of_medians"], r["median_paired_ratio"]
+        lines.append(
+            f"| {r['model']} ({r['head']}) | {r['B']} × {r['T']}, {r['P']} | {r['repeats']} | "
+            f"{cell(s['a'])} | "
+            f"{cell(s['b'])} | {cell(s['c'])} | {rom['a/b']:.3f} [{pr['a/b']:.3f}] | "
+            f"{rom['a/c']:.3f} [{pr['a/c']:.3f}] | {r['loadavg_1min'][0]:.1f} / {r['loadavg_1min'][1]:.1f} |")
+    return "\n".join(lines)
+
+
+def per_model(value: str, models: list[str], flag: str) -> list[int]:
+    """'30' -> [30, 30]; '30,20' -> one per model."""
+    parts = [int(x) for x in value.split(",")]
+    if len(parts) == 1:
+        parts *= len(models)
+    if len(parts) != len(models) or min(parts) < 0:
+        raise SystemExit(f"{flag} {value!r}: give one count, or one per model ({len(models)})")
+    return parts
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="minilm,smollm2-135m", help="comma-separated backbone aliases/paths")
+    ap.add_argument("--batch-size", type=int, default=16, help="B")
+    ap.add_argument("--seq-len", type=int, default=64, help="T, input tokens per row (no padding)")
+    ap.add_argument("--prompt-length", type=int, default=20, help="P, prompt tokens")
+    ap.add_argument("--repeats", default="30", help="timed steps per arm: one count, or one per model: 30,20")
+    ap.add_argument("--warmup", default="5", help="untimed steps per arm first: one count, or one per model")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--lr", type=float, default=0.3, help="prompt learning rate (all arms)")
+    ap.add_argument("--no-dropout", action="store_true", help="time the backbone in eval mode (all arms)")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="after timing, run torch.profiler over STEPS steps of each arm (tables on stderr)")
+    ap.add_argument("--out", default=None, help="also write the results as JSON here")
+    args = ap.parse_args(argv)
+
+    models = [m for m in args.models.split(",") if m]
+    repeats = per_model(args.repeats, models, "--repeats")
+    warmups = per_model(args.warmup, models, "--warmup")
+    if min(repeats) < 2:
+        raise SystemExit("--repeats must be at least 2 (the IQR needs two points)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    env = environment(threads)
+    command = "python bench/step_overhead.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    results = []
+    for name, n, w in zip(models, repeats, warmups):
+        print(f"{name}: {w} warm-up + {n} timed steps per arm", file=sys.stderr, flush=True)
+        results.append(bench_model(name, args, n, w))
+    table = markdown(results, env, command)
+    print(table)
+    if args.out:
+        doc = {"command": command, "env": env, "results": results}
+        Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
