@@ -97,6 +97,20 @@ def atomic_write_text(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def swap_dir(tmp: Path, final: Path) -> None:
+    """Put a finished temp folder in place of ``final``: the old one is renamed aside, then dropped.
+
+    A crash between the two renames leaves the old folder as ``.FINAL.*.old`` (train.recover_dir puts it back).
+    """
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.old")
+        os.rename(final, old)
+    os.rename(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 class Library:
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root).expanduser() if root else default_root()
@@ -187,15 +201,9 @@ class Library:
                     os.fsync(fh.fileno())
             final = self.root / name
             with self._lock():
-                if final.exists():
-                    if not overwrite:
-                        raise LibraryError(f"prompt '{name}' already exists in {self.root}; pick another name")
-                    old = self.root / f".old-{name}-{uuid.uuid4().hex[:8]}"
-                    os.rename(final, old)
-                    os.rename(tmp, final)
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    os.rename(tmp, final)
+                if final.exists() and not overwrite:
+                    raise LibraryError(f"prompt '{name}' already exists in {self.root}; pick another name")
+                swap_dir(tmp, final)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -204,7 +212,7 @@ class Library:
     def remove(self, name: str) -> None:
         d = self._dir(name)
         with self._lock():
-            trash = self.root / f".old-{name}-{uuid.uuid4().hex[:8]}"
+            trash = self.root / f".{name}.{uuid.uuid4().hex[:8]}.old"
             os.rename(d, trash)
         shutil.rmtree(trash, ignore_errors=True)
 

@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 
 from composer.backbones import ALIASES
 from composer.errors import BackboneError, LibraryError
-from composer.library import META_FILE, Entry, Library, atomic_write_text
+from composer.library import META_FILE, Entry, Library, atomic_write_text, swap_dir
 
 log = logging.getLogger(__name__)
 
@@ -186,13 +186,7 @@ def export_peft(library: Library, name: str, out_dir: str | Path, base_model_nam
         atomic_write_text(tmp / SIDECAR_FILE, json.dumps(sidecar, indent=2, sort_keys=True, default=str) + "\n")
         with open(tmp / WEIGHTS_FILE, "rb") as fh:
             os.fsync(fh.fileno())
-        if out.exists():  # empty, or overwrite: swap the old folder out, the new one in
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+        swap_dir(tmp, out)  # an existing folder is empty here, or overwrite was asked for
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

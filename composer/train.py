@@ -31,7 +31,7 @@ from composer.backbones import Backbone, load_backbone
 from composer.build import Encoded, build_model, encode_split, freeze_backbone, init_prompt, resolve_head
 from composer.errors import ComposerError, TrainingError
 from composer.evaluate import evaluate
-from composer.library import Library, atomic_write_text
+from composer.library import Library, atomic_write_text, swap_dir
 
 log = logging.getLogger(__name__)
 
@@ -215,13 +215,7 @@ def _atomic_dir(final: Path, write) -> None:
     tmp.mkdir(parents=True)
     try:
         write(tmp)
-        old = None
-        if final.exists():
-            old = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.old")
-            os.rename(final, old)
-        os.rename(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        swap_dir(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

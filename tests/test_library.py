@@ -43,7 +43,7 @@ def test_overwrite_and_remove(tmp_path):
     with pytest.raises(LibraryError, match="already exists"):
         lib.save("a", torch.ones(2, 3), meta(), overwrite=False)
     lib.remove("a")
-    assert lib.names() == [] and not any(p.name.startswith(".old") for p in tmp_path.iterdir())
+    assert lib.names() == [] and not any(p.name.endswith(".old") for p in tmp_path.iterdir())
 
 
 def test_default_root_from_env(tmp_path, monkeypatch):
@@ -134,4 +134,4 @@ def test_concurrent_writers_leave_whole_entries(tmp_path):
     assert v in (1.0, 2.0) and torch.all(e.prompt == v)  # one writer's tensor, never a mix
     assert e.meta["writer"] == int(v)  # and the JSON of the same writer
     assert torch.all(lib.load("own").prompt == 3.0)
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".tmp", ".old"))]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp") or p.name.endswith(".old")]
