@@ -485,7 +485,7 @@ def train_multitask(cfg: MultiTaskConfig, library: Library | None = None, progre
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.steps, initial=state["step"], desc=f"multitask {len(keys)} tasks",
-                   file=sys.stderr, dynamic_ncols=True, leave=False)
+                   file=sys.stderr, dynamic_ncols=True, leave=False, disable=None)  # None: only on a terminal
     if state["step"] == 0 and not state["best"]:
         # the init is a candidate like any checkpoint (as in train.py): a library prompt may already be best
         r0 = do_eval(0)

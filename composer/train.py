@@ -379,7 +379,7 @@ def train(cfg: TrainConfig, prepared: Prepared | None = None, resume: str | Path
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.steps, initial=state["step"], desc=f"train {prep.spec.name}", file=sys.stderr,
-                   dynamic_ncols=True, leave=False)
+                   dynamic_ncols=True, leave=False, disable=None)  # None: only on a terminal, not in logs
     if state["step"] == 0 and state["best"] is None:
         # the init is a candidate like any checkpoint: a composed prompt may already beat what tuning reaches
         r0 = do_eval(0)
