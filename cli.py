@@ -604,7 +604,7 @@ def library_import_peft(ctx, adapter_dir, name, backbone, task_name, force):
 @cli.command()
 @click.option("--model", default="minilm", show_default=True)
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
-@click.option("--source-steps", default=150, show_default=True, type=int)
+@click.option("--source-steps", default=120, show_default=True, type=int)
 @click.option("--target-steps", default=80, show_default=True, type=int)
 @click.option("--k-shot", default=16, show_default=True, type=int, help="Target training examples per class.")
 @click.option("--target", "targets", multiple=True, help="Targets to compose (default: negated-polarity, topic-polarity).")

@@ -32,7 +32,7 @@ class DemoConfig:
     targets: tuple[str, ...] = ("negated-polarity", "topic-polarity")
     strategies: tuple[str, ...] = STRATEGIES
     prompt_length: int = 20
-    source_steps: int = 150
+    source_steps: int = 120
     """Steps for each subtask prompt (full training data)."""
     target_steps: int = 80
     """The same budget for every arm on a target."""
@@ -43,7 +43,7 @@ class DemoConfig:
     batch_size: int = 16
     lr: float = 0.3
     eval_every: int = 20
-    max_eval: int = 300
+    max_eval: int = 250
     seed: int = 0
     retrain: bool = False
     """Retrain subtask prompts even when the library has them."""
