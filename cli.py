@@ -163,6 +163,7 @@ def task_check(name, data_dir, as_json):
 @click.option("--temperature", default=0.05, show_default=True, type=float,
               help="Label-similarity temperature; with --multitask, the sampling temperature T (default 1).")
 @click.option("--mixed-precision", type=click.Choice(["no", "bf16", "fp16"]), default="no", show_default=True)
+@click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in backward (less memory).")
 @click.option("--data-dir", type=click.Path(file_okay=False), envvar="PROMPT_COMPOSER_DATA")
 @click.option("--save", help="Save the best prompt to the library under this name.")
 @click.option("--run-dir", type=click.Path(file_okay=False), help="Run folder (default runs/SAVE or runs/TASK-TIME).")
@@ -177,8 +178,8 @@ def task_check(name, data_dir, as_json):
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def train(ctx, task_name, model, head, prompt_length, init, mode, unfreeze, steps, batch_size, lr, model_lr, schedule,
-          warmup, eval_every, max_eval, patience, k_shot, seed, temperature, mixed_precision, data_dir, save, run_dir,
-          resume, multitask, graph_path, task_list, composer_kind, save_prefix, quiet, as_json):
+          warmup, eval_every, max_eval, patience, k_shot, seed, temperature, mixed_precision, gradient_checkpointing,
+          data_dir, save, run_dir, resume, multitask, graph_path, task_list, composer_kind, save_prefix, quiet, as_json):
     """Tune a soft prompt (and, with --mode joint, the backbone) on TASK.
 
     \b
@@ -225,7 +226,8 @@ def train(ctx, task_name, model, head, prompt_length, init, mode, unfreeze, step
                           unfreeze=unfreeze, steps=steps, batch_size=batch_size, lr=lr, model_lr=model_lr,
                           schedule=schedule, warmup=warmup, eval_every=eval_every, max_eval=max_eval,
                           patience=patience, k_shot=k_shot, seed=seed, temperature=temperature,
-                          mixed_precision=mixed_precision, data_dir=data_dir, save=save, run_dir=run_dir)
+                          mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
+                          data_dir=data_dir, save=save, run_dir=run_dir)
     result = run_train(cfg, resume=resume, library=_library(ctx), progress=not quiet)
     if as_json:
         _emit(result, True)

@@ -85,6 +85,8 @@ class TrainConfig:
     """Label-similarity temperature."""
     mixed_precision: str = "no"
     """no | bf16 | fp16 (GPU)."""
+    gradient_checkpointing: bool = False
+    """Recompute backbone activations in backward (less memory); the prompt keeps its gradient."""
     save: str | None = None
     """Library name for the result."""
     run_dir: str | None = None
@@ -339,6 +341,8 @@ def train(cfg: TrainConfig, prepared: Prepared | None = None, resume: str | Path
     prep = prepared or prepare(cfg, library=library)
     model = prep.model
     groups = _param_groups(cfg, model)
+    if cfg.gradient_checkpointing:  # non-reentrant: gradients also reach keyword inputs (T5's encoder states)
+        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable = [p for g in groups for p in g["params"]]  # clip what trains; model.parameters() walks the backbone
     optimizer = torch.optim.AdamW(groups)
     warmup = int(cfg.warmup * cfg.steps)

@@ -212,3 +212,21 @@ def test_bad_init_and_head_messages(tiny_backbone):
     else:
         with pytest.raises(ComposerError, match="label-similarity head is for sentence encoders"):
             make(tiny_backbone, head="label-similarity")
+
+
+def test_gradient_checkpointing_gives_the_same_prompt_gradient(tiny_backbone, tokenizer):
+    """With checkpointing on, the prompt still gets its gradient (the inputs that require grad are the prompt's)."""
+    ids, mask = batch(tokenizer)
+    y = torch.tensor([1, 0, 0])
+    grads = []
+    for on in (False, True):
+        pm = make(tiny_backbone)
+        if on:
+            pm.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        pm.backbone.train()  # checkpointing acts in training mode only
+        torch.manual_seed(0)  # the same dropout masks in both passes (checkpointing replays the RNG state)
+        F.cross_entropy(pm(ids, mask), y).backward()
+        grads.append(pm.prompt_source.weight.grad.clone())
+        pm.backbone.gradient_checkpointing_disable()
+    assert grads[1].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)

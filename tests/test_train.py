@@ -149,3 +149,11 @@ def test_batch_plan_is_a_function_of_the_step():
     flat = sum(seq[:5], [])  # 20 positions = two epochs, each a permutation of 0..9
     assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
     assert T.shard(list(range(8)), 1, 2) == [4, 5, 6, 7]
+
+
+def test_gradient_checkpointing_run_matches(toy_task, tiny_bert_dir, tmp_path):
+    a = train(cfg(toy_task, tiny_bert_dir, tmp_path, steps=4, eval_every=4, run_dir=str(tmp_path / "a")), progress=False)
+    b = train(cfg(toy_task, tiny_bert_dir, tmp_path, steps=4, eval_every=4, run_dir=str(tmp_path / "b"),
+                  gradient_checkpointing=True), progress=False)
+    torch.testing.assert_close(final_prompt(tmp_path / "a"), final_prompt(tmp_path / "b"), atol=1e-5, rtol=1e-4)
+    assert a["steps"] == b["steps"] == 4
