@@ -14,7 +14,7 @@ Strategies (math in composer/mixing.py):
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
