@@ -1,0 +1,825 @@
+"""The transfer benchmark: does a composed init pay, side by side with its peers, on real data?
+
+For each target task (few-shot splits), every arm tunes for the same number of steps (same batch
+size, same prompt learning rate, same dev evaluations, best dev checkpoint kept, the init included):
+
+  random     prompt tuning from a random init (the baseline every other arm is measured against)
+  vocab      prompt tuning from sampled vocabulary embeddings
+  peft       PEFT's PromptTuning on the same backbone in this process (the peer); its prompt starts
+             from random's init, its loss is our head's (label similarity for minilm, see
+             bench/step_overhead.py, which checks the two compute the same function)
+  best       SPoT: the top-k source prompt that scores best zero-shot on the target's few shots
+  average    similarity-weighted average of the top-k source prompts (weights: zero-shot transfer)
+  linear     weights optimised on the few shots (L-BFGS-B, gradient-based); linear-gf: Powell
+  attention  ATTEMPT: a per-example attention mixture, trained on with the target prompt
+  concat     the graph's subtask prompts joined (only where graphs/glue-superglue.yaml decomposes it)
+  full       model tuning: every backbone weight trains (plus one random virtual token, since our
+             model always has a prompt), model lr --model-lr
+  joint      prompt + model tuning from the best composed init (chosen by dev score at step 0)
+
+Sources are trained once (seed 0) and kept in --library, reused when a prompt of the same name is
+there (the name holds the backbone and the step budget). Targets are linked to sources by zero-shot
+transfer (each source prompt scored on the target's dev split) into a graph built from
+graphs/glue-superglue.yaml's nodes and decompositions. Transferability: for every source-target pair,
+the gain of a short tuning run from that source over the same run from random (seed 0), against
+cos-avg, cos-tok and on similarity (source prompt vs the target's random-init tuned prompt) and
+zero-shot transfer: Spearman over all pairs.
+
+Tiers (2 CPU cores, minilm):
+    python bench/transfer.py --smoke              # a few minutes: proves the pipeline end to end
+    python bench/transfer.py --quick              # under 20 minutes: 4 sources, 2 targets, 1 seed
+    python bench/transfer.py --full               # hours: 8 sources, 6 targets, 3 seeds
+Every tier takes overrides, e.g. --targets rte-fs --arms random,best,full --seeds 0,1.
+Output: a results JSON (--out-json), a markdown section (stdout and --out-md), PNG figures under
+bench/figures/ (--figures; the smoke tier keeps its figures in its run folder). Progress goes to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import types
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a clone without installing
+sys.path.insert(0, str(ROOT / "bench"))  # the PEFT setup of step_overhead.py
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+log = logging.getLogger("bench.transfer")
+
+ARMS = ("random", "vocab", "peft", "best", "average", "linear", "linear-gf", "attention", "concat", "full",
+        "joint")
+COMPOSED = ("best", "average", "linear", "linear-gf", "attention", "concat")
+SIM_METRICS = ("cos-avg", "cos-tok", "on", "transfer")
+
+TIERS = {
+    "smoke": dict(sources=("sst2", "mr"), targets=("cr-fs",),
+                  arms=("random", "vocab", "peft", "best", "average", "linear", "attention", "full", "joint"),
+                  seeds=(0,), source_steps=4, steps=4, eval_every=2, source_max_eval=32, max_eval=32,
+                  max_test=32, top_k=2),
+    # rte-fs (long premises) costs 3-5x a cr-fs step: the quick tier takes mrpc-fs to stay under 20 minutes
+    "quick": dict(sources=("qqp", "mnli", "sst2", "mr"), targets=("mrpc-fs", "cr-fs"),
+                  arms=("random", "vocab", "peft", "best", "average", "linear", "attention", "full", "joint"),
+                  seeds=(0,), source_steps=60, steps=60, eval_every=10, source_max_eval=200, max_eval=200,
+                  max_test=500, top_k=2),
+    "full": dict(sources=("mnli", "qnli", "qqp", "sst2", "snli", "mr", "agnews", "trec"),
+                 targets=("rte-fs", "mrpc-fs", "cb-fs", "boolq-fs", "cr-fs", "cola-fs"),
+                 arms=ARMS, seeds=(0, 1, 2), source_steps=300, steps=100, eval_every=10, source_max_eval=500,
+                 max_eval=500, max_test=1000, top_k=3),
+}
+
+
+@dataclass
+class BenchConfig:
+    """One benchmark run; saved into the results JSON."""
+
+    tier: str = "quick"
+    sources: tuple[str, ...] = ()
+    targets: tuple[str, ...] = ()
+    arms: tuple[str, ...] = ()
+    seeds: tuple[int, ...] = (0,)
+    model: str = "minilm"
+    source_steps: int = 60
+    """Steps per source prompt (full training split, seed 0)."""
+    steps: int = 60
+    """The budget of every arm on every target."""
+    pair_steps: int | None = None
+    """Budget of the transferability runs (source init vs random, seed = first seed); None = steps."""
+    eval_every: int = 10
+    source_max_eval: int = 200
+    """Source dev examples evaluated (a fixed subset)."""
+    max_eval: int = 200
+    """Target dev examples evaluated (a fixed subset; the few-shot dev splits have 32 to 64)."""
+    max_test: int | None = 500
+    """Target test examples evaluated for the kept checkpoint (a fixed subset; None = all)."""
+    top_k: int = 2
+    shots: int = 16
+    """Examples per class best/linear/attention may look at (capped by the smallest class)."""
+    batch_size: int = 16
+    lr: float = 0.3
+    """Prompt (and composer, head) learning rate of every arm."""
+    model_lr: float = 5e-5
+    """Backbone learning rate of full and joint (not tuned)."""
+    prompt_length: int = 20
+    full_prompt_length: int = 1
+    library: str = "runs/bench-library"
+    runs: str | None = None
+    data_dir: str | None = None
+    figures: str | None = None
+    """PNG folder; None = bench/figures (committed), or the run folder for the smoke tier."""
+    threads: int | None = None
+    retrain_sources: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+# -- small helpers ------------------------------------------------------------------------------
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return head + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def read_curve(run_dir: Path) -> tuple[list[int], list[float]]:
+    steps, scores = [], []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "eval" in rec:
+            steps.append(rec["step"])
+            scores.append(rec["eval"]["score"])
+    return steps, scores
+
+
+def mean_sd(xs: list[float]) -> tuple[float | None, float | None]:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None, None
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
+
+
+def fmt(m: float | None, sd: float | None = None, digits: int = 3) -> str:
+    if m is None:
+        return "–"
+    if isinstance(m, float) and math.isnan(m):
+        return "undefined"
+    m, sd = m + 0.0, None if sd is None else sd + 0.0  # no "-0.000"
+    return f"{m:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
+
+
+# -- the benchmark ------------------------------------------------------------------------------
+class Bench:
+    def __init__(self, cfg: BenchConfig):
+        from composer.backbones import load_backbone
+        from composer.demo import model_slug
+        from composer.library import Library
+
+        self.cfg = cfg
+        self.slug = model_slug(cfg.model)
+        self.lib = Library(cfg.library)
+        self.runs = Path(cfg.runs or f"runs/bench-transfer/{cfg.tier}")
+        self.bb = load_backbone(cfg.model)
+        self.cache: dict[tuple, dict] = {}
+        self.pair_steps = cfg.pair_steps or cfg.steps
+
+    # -- 1. sources -----------------------------------------------------------------------------
+    def source_name(self, task: str) -> str:
+        return f"{task}-{self.slug}-{self.cfg.source_steps}"
+
+    def train_sources(self) -> dict:
+        from composer.train import TrainConfig, _subset, prepare, train
+
+        cfg, out = self.cfg, {}
+        for task in cfg.sources:
+            name = self.source_name(task)
+            if self.lib.exists(name) and not cfg.retrain_sources:
+                meta = self.lib.meta(name)
+                say(f"[sources] reuse {name} from {self.lib.root}")
+                dev = ((meta.get("metrics") or {}).get("dev") or {}).get("score")
+                out[task] = {"prompt": name, "reused": True, "dev": dev}
+                continue
+            say(f"[sources] train {name} ({cfg.source_steps} steps)")
+            run_dir = self.runs / "sources" / task
+            shutil.rmtree(run_dir, ignore_errors=True)
+            tc = TrainConfig(task=task, model=cfg.model, prompt_length=cfg.prompt_length, steps=cfg.source_steps,
+                             batch_size=cfg.batch_size, lr=cfg.lr, eval_every=max(1, cfg.source_steps // 3),
+                             checkpoint_every=cfg.source_steps, max_eval=cfg.source_max_eval, seed=0,
+                             data_dir=cfg.data_dir, save=name, run_dir=str(run_dir))
+            prep = prepare(tc, backbone=self.bb, library=self.lib)
+            prep.dev, prep.test = _subset(prep.dev, cfg.source_max_eval, 0), None  # sources need no test score
+            r = train(tc, prepared=prep, library=self.lib, progress=False)
+            out[task] = {"prompt": name, "reused": False, "initial": r["initial"]["score"], "dev": r["dev"]["score"],
+                         "seconds": r["seconds"], "s_per_step": r["seconds"] / max(1, r["steps"])}
+            say(f"          dev {r['initial']['score']:.3f} -> {r['dev']['score']:.3f} ({r['seconds']:.0f} s)")
+        return out
+
+    # -- 2. one tuning run (memoised: the best arm and the seed-0 pair run of its source are one run) --
+    def tune(self, task: str, init: str, seed: int, steps: int, run_name: str, mode: str = "prompt",
+             prompt_length: int | None = None, save: str | None = None, key_init: str | None = None) -> dict:
+        from composer.train import TrainConfig, _subset, prepare, train
+
+        cfg = self.cfg
+        P = prompt_length or cfg.prompt_length
+        key = (task, key_init or init, seed, steps, mode, P)
+        if key in self.cache:
+            return self.cache[key]
+        run_dir = self.runs / task / run_name
+        shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl appends: start clean
+        tc = TrainConfig(task=task, model=cfg.model, prompt_length=P, init=init, mode=mode, unfreeze="all",
+                         steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, model_lr=cfg.model_lr,
+                         eval_every=cfg.eval_every, checkpoint_every=steps, max_eval=cfg.max_eval, seed=seed,
+                         data_dir=cfg.data_dir, save=save, run_dir=str(run_dir))
+        # joint mode changes backbone weights in place: give it its own copy
+        bb = self.bb if mode == "prompt" else dataclasses.replace(self.bb, model=copy.deepcopy(self.bb.model))
+        prep = prepare(tc, backbone=bb, library=self.lib)
+        prep.dev = _subset(prep.dev, cfg.max_eval, 0)  # one dev subset for every arm and seed
+        prep.test = _subset(prep.test, cfg.max_test, 0) if prep.test is not None else None
+        r = train(tc, prepared=prep, library=self.lib, progress=False)
+        curve = read_curve(run_dir)
+        for sub in ("checkpoint", "best"):  # a joint run's checkpoints hold the whole model: do not keep them
+            shutil.rmtree(run_dir / sub, ignore_errors=True)
+        rec = {"init": init, "seed": seed, "mode": mode, "prompt_length": P, "steps": r["steps"],
+               "initial": r["initial"]["score"], "dev": r["best"], "dev_last": curve[1][-1],
+               "test": (r.get("test") or {}).get("score"), "best_step": r["best_step"], "curve": curve,
+               "seconds": r["seconds"], "s_per_step": r["seconds"] / max(1, r["steps"]), "run_dir": str(run_dir),
+               "metric": r["metric"]}
+        self.cache[key] = rec
+        return rec
+
+    def peft(self, task: str, seed: int, steps: int, run_name: str) -> dict:
+        """PEFT PromptTuning: same data order, init, loss, optimizer, schedule, clipping and evaluations."""
+        from step_overhead import PeftArm
+
+        from composer.build import freeze_backbone
+        from composer.evaluate import score
+        from composer.train import BatchPlan, TrainConfig, _subset, lr_lambda, prepare
+
+        cfg = self.cfg
+        tc = TrainConfig(task=task, model=cfg.model, prompt_length=cfg.prompt_length, steps=steps,
+                         batch_size=cfg.batch_size, lr=cfg.lr, seed=seed, data_dir=cfg.data_dir)
+        prep = prepare(tc, backbone=self.bb, library=self.lib)  # random's init, data and head
+        freeze_backbone(prep.model)
+        head = prep.model.head
+        loss = types.SimpleNamespace(decoder=head.kind == "verbalizer", label_ids=None, label_emb=None,
+                                     temperature=tc.temperature, max_grad_norm=tc.max_grad_norm)
+        if head.kind == "label-similarity":
+            with torch.no_grad():
+                loss.label_emb = head.label_embeddings(prep.model).detach().clone()  # [C, H]
+        elif head.kind == "verbalizer" and head.single:
+            loss.label_ids = torch.tensor([t[0] for t in head.label_token_ids])  # [C]
+        else:
+            raise RuntimeError(f"the peft arm supports the label-similarity and single-token verbalizer heads, "
+                               f"not {head.kind}")
+        dev = _subset(prep.dev, cfg.max_eval, 0)
+        test = _subset(prep.test, cfg.max_test, 0) if prep.test is not None else None
+        init = prep.model.prompt_source.weight.detach().clone()
+        own = types.SimpleNamespace(model=copy.deepcopy(self.bb.model), family=self.bb.family)
+        arm = PeftArm(own, cfg.prompt_length, init, cfg.lr, loss)
+        sched = torch.optim.lr_scheduler.LambdaLR(arm.optimizer,
+                                                  lr_lambda(tc.schedule, int(tc.warmup * steps), steps))
+        pad = self.bb.tokenizer.pad_token_id
+        plan = BatchPlan(len(prep.train), cfg.batch_size, seed)
+        run_dir = self.runs / task / run_name
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(parents=True)
+        curve: tuple[list[int], list[float]] = ([], [])
+
+        def evaluate(enc) -> dict:
+            return score(prep.spec, peft_logits(arm, enc, pad), enc)
+
+        def do_eval(step: int):
+            r = evaluate(dev)
+            curve[0].append(step)
+            curve[1].append(r["score"])
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, "eval": r}) + "\n")
+            return r["score"]
+
+        t0 = time.time()
+        best = initial = do_eval(0)
+        best_step, best_prompt = 0, arm.prompt().detach().clone()
+        for step in range(steps):
+            b = prep.train.batch(plan.indices(step), pad)
+            torch.random.default_generator.manual_seed(seed * 1_000_003 + step)  # dropout, as train.py
+            arm.model.train()
+            out = peft_scores(arm, b["input_ids"], b["attention_mask"])
+            lo = F.cross_entropy(out, b["labels"].to(out.device))
+            lo.backward()
+            torch.nn.utils.clip_grad_norm_(arm.params, tc.max_grad_norm)
+            arm.optimizer.step()
+            sched.step()
+            arm.optimizer.zero_grad(set_to_none=True)
+            if (step + 1) % cfg.eval_every == 0 or step + 1 == steps:
+                s = do_eval(step + 1)
+                if s > best:
+                    best, best_step, best_prompt = s, step + 1, arm.prompt().detach().clone()
+        seconds = time.time() - t0
+        with torch.no_grad():
+            arm.prompt().copy_(best_prompt)
+        rec = {"init": "random (PEFT PromptTuning)", "seed": seed, "mode": "prompt", "prompt_length": cfg.prompt_length,
+               "steps": steps, "initial": initial, "dev": best, "dev_last": curve[1][-1],
+               "test": evaluate(test)["score"] if test is not None else None, "best_step": best_step,
+               "curve": curve, "seconds": round(seconds, 2), "s_per_step": seconds / steps, "run_dir": str(run_dir),
+               "metric": prep.spec.metric}
+        del arm, own
+        return rec
+
+    # -- 3. one target ------------------------------------------------------------------------------
+    def graph_for(self, target: str, sources: dict) -> "object":
+        """Sources and this target, the target's decomposition from glue-superglue.yaml, linked by transfer."""
+        import yaml
+
+        from composer import graph as G_
+
+        base = yaml.safe_load((ROOT / "graphs" / "glue-superglue.yaml").read_text())
+        stem = target.removesuffix("-fs").removesuffix("-fewglue")
+        subs = [s for s in (base.get("decomposition") or {}).get(stem, []) if isinstance(s, str)]
+        nodes = [{"name": s, "role": "source", "prompt": sources[s]["prompt"]} for s in self.cfg.sources]
+        nodes.append({"name": target, "role": "target", "task": target})
+        data = {"name": f"bench-{target}", "backbone": self.cfg.model, "nodes": nodes}
+        if subs and all(s in sources for s in subs):
+            data["decomposition"] = {target: subs}
+        return G_.from_dict(data)
+
+    def few_shots(self, task: str) -> int:
+        from composer.tasks import load_splits, load_task
+
+        labels = load_splits(load_task(task), data_dir=self.cfg.data_dir, splits=["train"], k_shot=0)["train"]["label"]
+        return max(1, min(self.cfg.shots, min(Counter(labels).values())))
+
+    def run_target(self, target: str, sources: dict) -> dict:
+        from composer import graph as G_
+        from composer.compose import ComposeConfig, compose
+        from composer.errors import ComposeError
+        from composer.transfer import similarity_matrix, transfer_matrix
+
+        cfg, t_start = self.cfg, time.time()
+        src_names = [sources[s]["prompt"] for s in cfg.sources]
+        say(f"[{target}] zero-shot transfer of {len(src_names)} source prompts")
+        zs = transfer_matrix(self.lib, src_names, [target], data_dir=cfg.data_dir, max_examples=cfg.max_eval,
+                             backbone=self.bb)
+        transfer = {s: row[0] for s, row in zip(cfg.sources, zs["scores"])}
+        G = self.graph_for(target, sources)
+        G_.link(G, target, transfer, "transfer", cfg.top_k)
+        graph_path = self.runs / target / "graph.json"
+        graph_path.parent.mkdir(parents=True, exist_ok=True)
+        G_.save_graph(G, graph_path)
+        shots = self.few_shots(target)
+        subtasks = [s for s, _ in G_.subtasks(G, target)]
+
+        runs: dict[str, list[dict]] = {}
+        composed_info: dict[str, list[dict]] = {}
+        skipped: dict[str, str] = {}
+        target_prompt = f"bench-{target}-{self.slug}-random-{cfg.steps}"
+        for seed in cfg.seeds:
+            def add(arm: str, rec: dict):
+                runs.setdefault(arm, []).append(rec)
+                say(f"[{target}] seed {seed} {arm:<9} dev {rec['initial']:.3f} -> {rec['dev']:.3f}  test "
+                    f"{fmt(rec['test'])}  ({rec['s_per_step']:.2f} s/step)")
+
+            add("random", self.tune(target, "random", seed, cfg.steps, f"random-s{seed}",
+                                    save=target_prompt if seed == cfg.seeds[0] else None))
+            if "vocab" in cfg.arms:
+                add("vocab", self.tune(target, "vocab", seed, cfg.steps, f"vocab-s{seed}"))
+            if "peft" in cfg.arms:
+                add("peft", self.peft(target, seed, cfg.steps, f"peft-s{seed}"))
+            composed = {}
+            for arm in [a for a in COMPOSED if a in cfg.arms]:
+                if arm == "concat" and not subtasks:
+                    skipped[arm] = "the graph does not decompose this target"
+                    continue
+                strategy, method = ("linear", "powell") if arm == "linear-gf" else (arm, "lbfgs")
+                name = f"bench-{target}-{self.slug}-{arm}-s{seed}"
+                t0 = time.time()
+                try:
+                    cr = compose(ComposeConfig(graph=str(graph_path), target=target, strategy=strategy,
+                                               top_k=cfg.top_k, metric="transfer", shots=shots, method=method,
+                                               seed=seed, model=cfg.model, data_dir=cfg.data_dir, save=name),
+                                 library=self.lib, backbone=self.bb)
+                except ComposeError as e:
+                    skipped[arm] = str(e)
+                    say(f"[{target}] {arm}: skipped ({e})")
+                    continue
+                info = {"seed": seed, "candidates": cr["candidates"], "weights": cr["weights"],
+                        "compose_seconds": round(time.time() - t0, 2)}
+                composed_info.setdefault(arm, []).append(info)
+                if arm == "best":  # the chosen source's own prompt: the same run as its transferability run
+                    i = max(range(len(cr["weights"])), key=lambda j: cr["weights"][j])
+                    src = cr["candidates"][i]
+                    rec = self.tune(target, f"library:{sources[src]['prompt']}", seed, cfg.steps,
+                                    f"from-{src}-s{seed}")
+                    rec = dict(rec, chosen=src)
+                else:
+                    rec = self.tune(target, f"library:{name}", seed, cfg.steps, f"{arm}-s{seed}")
+                composed[arm] = rec
+                add(arm, rec)
+            if "full" in cfg.arms:
+                add("full", self.tune(target, "random", seed, cfg.steps, f"full-s{seed}", mode="joint",
+                                      prompt_length=cfg.full_prompt_length))
+            if "joint" in cfg.arms:
+                if not composed:
+                    skipped["joint"] = "no composed arm ran"
+                else:
+                    # the composed init that scores best on dev before tuning (ties: after prompt tuning)
+                    arm = max(composed, key=lambda a: (composed[a]["initial"], composed[a]["dev"]))
+                    rec = self.tune(target, composed[arm]["init"], seed, cfg.steps, f"joint-{arm}-s{seed}",
+                                    mode="joint")
+                    add("joint", dict(rec, from_arm=arm))
+
+        # transferability: each source as init, the first seed, a short budget, against random
+        seed0 = cfg.seeds[0]
+        base = self.tune(target, "random", seed0, self.pair_steps, f"pair-random-s{seed0}")
+        pairs = {}
+        for s in cfg.sources:
+            r = self.tune(target, f"library:{sources[s]['prompt']}", seed0, self.pair_steps, f"pair-from-{s}-s{seed0}")
+            pairs[s] = {"dev": r["dev"], "dev_last": r["dev_last"], "test": r["test"], "initial": r["initial"],
+                        "gain_dev": r["dev"] - base["dev"], "gain_dev_last": r["dev_last"] - base["dev_last"],
+                        "gain_test": None if r["test"] is None or base["test"] is None else r["test"] - base["test"]}
+            say(f"[{target}] from {s:<8} gain dev {pairs[s]['gain_dev']:+.3f}  test {fmt(pairs[s]['gain_test'])}")
+        sims = {"transfer": transfer}
+        for metric in ("cos-avg", "cos-tok", "on"):
+            row = similarity_matrix(self.lib, [target_prompt], metric, backbone=self.bb, others=src_names)[0]
+            sims[metric] = {s: float(v) for s, v in zip(cfg.sources, row)}
+        return {"runs": runs, "composed": composed_info, "skipped": skipped, "shots": shots,
+                "subtasks": subtasks, "transfer": transfer, "similarity": sims, "pairs": pairs,
+                "pair_steps": self.pair_steps, "target_prompt": target_prompt, "graph": str(graph_path),
+                "seconds": round(time.time() - t_start, 1)}
+
+
+# -- PEFT scoring (the loss of our heads on PEFT's output) ---------------------------------------
+def peft_scores(arm, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """input_ids [B, T], mask [B, T] (right-padded) -> label scores [B, C], as our head scores them.
+
+    PEFT puts the P virtual tokens in front (before [CLS]), so its outputs cover [B, P+T].
+    """
+    L, P = arm.loss_fn, arm.P
+    B = input_ids.shape[0]
+    device = arm.prompt().device
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    out = arm.model(input_ids=input_ids, attention_mask=mask)
+    full = torch.cat([mask.new_ones(B, P), mask], 1)  # [B, P+T]
+    if L.decoder:
+        last = full.sum(1) - 1  # the last real position
+        logits = out.logits[torch.arange(B), last]  # [B, V]
+        return F.log_softmax(logits.float(), dim=-1)[:, L.label_ids.to(device)]
+    hidden = out.last_hidden_state  # [B, P+T, H]
+    m = full.unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-6)  # [B, H]
+    return F.normalize(pooled.float(), dim=-1) @ L.label_emb.to(device).T / L.temperature
+
+
+@torch.no_grad()
+def peft_logits(arm, enc, pad_id: int, batch_size: int = 64) -> torch.Tensor:
+    """Scores [N, C] in the split's order; rows batched by length, as composer.evaluate.predict does."""
+    arm.model.eval()
+    order = sorted(range(len(enc)), key=lambda i: len(enc.ids[i]))
+    out: list = [None] * len(enc)
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        b = enc.batch(idx, pad_id)
+        for i, row in zip(idx, peft_scores(arm, b["input_ids"], b["attention_mask"]).float().cpu()):
+            out[i] = row
+    return torch.stack(out)
+
+
+# -- analysis (pure: results dict in, numbers out) -----------------------------------------------
+def steps_to_reach(curve, level: float) -> int | None:
+    for s, v in zip(*curve):
+        if v >= level - 1e-9:
+            return s
+    return None
+
+
+def summarise_target(t: dict) -> dict:
+    """Per arm: dev/test mean and spread, steps to random's final dev score, gap closed (dev and test)."""
+    runs = t["runs"]
+    base = {r["seed"]: r for r in runs["random"]}
+    out = {}
+    for arm, recs in runs.items():
+        reach = [steps_to_reach(r["curve"], base[r["seed"]]["dev"]) for r in recs]
+        out[arm] = {k: mean_sd([r[k] for r in recs]) for k in ("initial", "dev", "test", "s_per_step")}
+        out[arm]["reach"] = reach
+        out[arm]["n"] = len(recs)
+    for split in ("dev", "test"):
+        lo = out["random"][split][0]
+        hi = out.get("full", {}).get(split, (None,))[0]
+        for arm in out:
+            m = out[arm][split][0]
+            ok = None not in (lo, hi, m) and hi - lo > 1e-9
+            out[arm][f"gap_{split}"] = (m - lo) / (hi - lo) if ok else None
+    return out
+
+
+def correlations(targets: dict) -> dict:
+    """Spearman of each similarity metric with the gain, pooled over every source-target pair."""
+    from composer.similarity import spearman
+
+    out = {}
+    for gain in ("gain_dev", "gain_dev_last", "gain_test"):
+        rows = {}
+        for metric in SIM_METRICS:
+            xs, ys = [], []
+            for t in targets.values():
+                for s, p in t["pairs"].items():
+                    if p[gain] is not None:
+                        xs.append(t["similarity"][metric][s])
+                        ys.append(p[gain])
+            rows[metric] = {"rho": spearman(xs, ys) if len(xs) >= 2 else None, "n": len(xs)}
+        out[gain] = rows
+    return out
+
+
+def claims(summary: dict) -> list[str]:
+    """The issue's claims, checked on test means (one line each; 'n/a' where an arm did not run)."""
+    lines = []
+    targets = list(summary)
+    comp = [a for a in COMPOSED if all(a in summary[t] for t in targets)]
+    for a in comp:
+        wins = [t for t in targets if None not in (summary[t][a]["test"][0], summary[t]["random"]["test"][0])
+                and summary[t][a]["test"][0] > summary[t]["random"]["test"][0]]
+        gaps = [summary[t][a]["gap_test"] for t in targets if summary[t][a]["gap_test"] is not None]
+        fast = []
+        for t in targets:
+            rnd = [x for x in summary[t]["random"]["reach"]]
+            arm = summary[t][a]["reach"]
+            fast.append(all(x is not None and r is not None and x <= r / 3 for x, r in zip(arm, rnd)))
+        lines.append(f"- {a}: beats random on test on {len(wins)}/{len(targets)} targets; mean gap closed (test) "
+                     f"{fmt(statistics.fmean(gaps) if gaps else None, digits=2)} over {len(gaps)} targets; "
+                     f"reaches random's final dev score in at most a third of random's steps on "
+                     f"{sum(fast)}/{len(targets)} targets")
+    if all("joint" in summary[t] and "full" in summary[t] for t in targets):
+        ok = [t for t in targets if (summary[t]["joint"]["test"][0] or 0) >= (summary[t]["full"]["test"][0] or 0)]
+        lines.append(f"- joint from the best composed init >= full model tuning on test on {len(ok)}/{len(targets)} "
+                     "targets")
+    if all("peft" in summary[t] for t in targets):
+        acc = [t for t in targets if (summary[t]["random"]["test"][0] or 0) >= (summary[t]["peft"]["test"][0] or 0)]
+        spd = [t for t in targets if summary[t]["random"]["s_per_step"][0] <= summary[t]["peft"]["s_per_step"][0]]
+        lines.append(f"- our random-init prompt tuning >= PEFT PromptTuning on test on {len(acc)}/{len(targets)} "
+                     f"targets, and no slower per step on {len(spd)}/{len(targets)} (wall time per step, evals "
+                     "included)")
+    return lines
+
+
+# -- report ---------------------------------------------------------------------------------------
+def figure_target(target: str, t: dict, s: dict, path: Path) -> Path:
+    """Learning curves (dev, mean over seeds), final test score (mean, spread), gap closed (test)."""
+    import matplotlib
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    arms = list(t["runs"])
+    colours = {a: matplotlib.colormaps["tab10"](i % 10) for i, a in enumerate(arms)}
+    colours["random"] = "black"
+    fig = Figure(figsize=(15, 4.4))
+    fig.suptitle(f"{target}: {len(t['runs']['random'])} seed(s), {t['runs']['random'][0]['steps']} steps per arm",
+                 fontsize=12, y=1.04)
+    FigureCanvasAgg(fig)
+    ax1, ax2, ax3 = fig.subplots(1, 3)
+    for a in arms:
+        curves = [r["curve"] for r in t["runs"][a]]
+        steps = curves[0][0]
+        vals = np.mean([c[1] for c in curves if c[0] == steps], axis=0)
+        style = dict(color="black", ls="--", lw=1.8) if a == "random" else dict(color=colours[a], lw=1.3)
+        ax1.plot(steps, vals, marker="o", ms=2.5, label=a, **style)
+    ax1.set(xlabel="training step", ylabel=f"dev {t['runs']['random'][0]['metric']}",
+            title="dev score while tuning (mean over seeds)")
+    ax1.grid(alpha=0.3)
+    ax1.legend(fontsize=7, frameon=False, ncols=2)
+    x = np.arange(len(arms))
+    means = [s[a]["test"][0] if s[a]["test"][0] is not None else np.nan for a in arms]
+    sds = [s[a]["test"][1] or 0.0 for a in arms]
+    ax2.bar(x, means, yerr=sds if any(sds) else None, color=[colours[a] for a in arms], capsize=3)
+    ax2.axhline(s["random"]["test"][0] or 0, color="black", ls="--", lw=1)
+    ax2.set_xticks(x, arms, rotation=45, ha="right", fontsize=8)
+    finite = [m for m in means if not np.isnan(m)]
+    if finite:
+        ax2.set_ylim(max(0.0, min(finite) - 0.1), min(1.0, max(finite) + 0.05) if max(finite) <= 1 else None)
+    ax2.set(title="test score, kept checkpoint (mean ± sd)")
+    gaps = [s[a]["gap_test"] if s[a]["gap_test"] is not None else np.nan for a in arms]
+    ax3.bar(x, gaps, color=[colours[a] for a in arms])
+    ax3.axhline(0, color="black", lw=0.8)
+    ax3.axhline(1, color="grey", ls=":", lw=1)
+    ax3.set_xticks(x, arms, rotation=45, ha="right", fontsize=8)
+    ax3.set(title="gap closed on test: (arm − random) / (full − random)")
+    for ax in (ax1, ax2, ax3):
+        ax.spines[["top", "right"]].set_visible(False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight", facecolor="white")
+    return path
+
+
+def reach_text(reach: list) -> str:
+    got = [r for r in reach if r is not None]
+    if not got:
+        return "never"
+    text = f"{statistics.fmean(got):.0f}"
+    return text if len(got) == len(reach) else f"{text} ({len(reach) - len(got)}/{len(reach)} never)"
+
+
+def markdown(res: dict, fig_rel) -> str:
+    c = res["config"]
+    summ = res["summary"]
+    lines = [
+        f"## Transfer benchmark ({c['tier']} tier)", "",
+        f"Command: `{res['command']}`  ",
+        f"Commit: `{res['commit']}`  ",
+        f"Machine: {res['machine']['cpu']}, {res['machine']['cpu_count']} cores, torch {res['machine']['torch']} "
+        f"with {res['machine']['threads']} threads; load average {res['machine']['load_start']} at the start, "
+        f"{res['machine']['load_end']} at the end (other jobs share the cores). Wall time {res['wall_s']:.0f} s.  ",
+        f"Seeds: {', '.join(map(str, c['seeds']))} (training seed of every target arm: init, batch order, dropout, "
+        "composer few-shot sample; the few-shot data split itself is the task's fixed one).", "",
+        f"Backbone `{c['model']}` (frozen except in full and joint), prompt length {c['prompt_length']}. Sources "
+        f"trained {c['source_steps']} steps each (seed 0, full training split, batch {c['batch_size']}, lr {c['lr']}): "
+        + ", ".join(f"{s} {fmt(v.get('dev'))}" + (" (reused)" if v.get("reused") else "")
+                    for s, v in res["sources"].items()) + " (source dev score).",
+        f"Every arm on a target: {c['steps']} steps, batch {c['batch_size']}, prompt lr {c['lr']} (linear decay, "
+        f"6% warm-up), model lr {c['model_lr']} for full and joint (not tuned); dev evaluated every "
+        f"{c['eval_every']} steps on at most {c['max_eval']} examples, the best dev checkpoint kept (the init "
+        f"included); test = the kept checkpoint on at most {c['max_test'] or 'all'} test examples (a fixed subset). "
+        f"Composition: top-{c['top_k']} sources by zero-shot transfer; best/linear/attention look at up to "
+        f"{c['shots']} training examples per class; joint starts from the composed init with the best dev score at "
+        f"step 0; full trains every backbone weight with {c['full_prompt_length']} random virtual token(s).", "",
+        "### Summary: test score per target (mean ± sd over seeds)", "",
+    ]
+    targets = list(summ)
+    arms = [a for a in ARMS if any(a in summ[t] for t in targets)]
+    lines += ["| arm | " + " | ".join(targets) + " | mean gap closed (test) |",
+              "|---|" + "---:|" * (len(targets) + 1)]
+    for a in arms:
+        cells = [fmt(*summ[t][a]["test"]) if a in summ[t] else "–" for t in targets]
+        gaps = [summ[t][a]["gap_test"] for t in targets if a in summ[t] and summ[t][a]["gap_test"] is not None]
+        mean_gap = fmt(statistics.fmean(gaps) if gaps else None, digits=2)
+        lines.append(f"| {a} | " + " | ".join(cells) + f" | {mean_gap} |")
+    lines += ["", "Claims of issue 6, checked on these numbers:", ""] + claims(summ) + [""]
+    for t in targets:
+        tr = res["targets"][t]
+        s = summ[t]
+        metric = tr["runs"]["random"][0]["metric"]
+        lines += [f"### {t} ({metric})", "",
+                  "| arm | dev at step 0 | dev (kept ckpt) | test | steps to random's final dev | "
+                  "gap closed (dev) | gap closed (test) | s/step |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for a in [a for a in ARMS if a in s]:
+            r = s[a]
+            lines.append(f"| {a} | {fmt(*r['initial'])} | {fmt(*r['dev'])} | {fmt(*r['test'])} | "
+                         f"{reach_text(r['reach'])} | {fmt(r['gap_dev'], digits=2)} | {fmt(r['gap_test'], digits=2)} | "
+                         f"{fmt(r['s_per_step'][0], digits=2)} |")
+        notes = [f"{a}: {why}" for a, why in tr["skipped"].items()]
+        comp = []
+        for a, infos in tr["composed"].items():
+            i0 = infos[0]
+            comp.append(f"{a} [{', '.join(f'{n} {w + 0.0:.2f}' for n, w in zip(i0['candidates'], i0['weights']))}]")
+        joint = [r.get("from_arm") for r in tr["runs"].get("joint", [])]
+        lines += ["", f"Zero-shot transfer (dev): " + ", ".join(f"{k} {v:.3f}" for k, v in tr["transfer"].items())
+                  + f". Composition weights (seed {res['config']['seeds'][0]}): " + ("; ".join(comp) or "–")
+                  + (f". joint started from: {', '.join(joint)}" if joint else "")
+                  + (f". Best arm chose: {', '.join(r.get('chosen', '?') for r in tr['runs'].get('best', []))}"
+                     if tr["runs"].get("best") else "") + "."]
+        if notes:
+            lines += ["Not run: " + "; ".join(notes) + "."]
+        lines += ["", f"![{t}]({fig_rel(t)})", ""]
+    tf = res["transferability"]
+    srcs = list(res["sources"])
+    lines += ["### Transferability", "",
+              f"Gain = target score after {res['pair_steps']} steps of prompt tuning from the source prompt minus the "
+              f"same run from random (seed {c['seeds'][0]}). Similarity between the source prompt and the target's "
+              f"random-init tuned prompt (cos-avg, cos-tok, on) or the source prompt's zero-shot dev score on the "
+              "target (transfer). The kept checkpoint includes the init, so zero-shot transfer enters the kept-"
+              "checkpoint gains by construction; 'end of budget' is the last evaluation instead. 'undefined': the "
+              "gains (or similarities) are all equal.", "",
+              "| metric | ρ, gain on dev (kept ckpt) | ρ, gain on dev (end of budget) "
+              "| ρ, gain on test (kept ckpt) |",
+              "|---|---:|---:|---:|"]
+    for m in SIM_METRICS:
+        cells = [tf[g][m] for g in ("gain_dev", "gain_dev_last", "gain_test")]
+        lines.append(f"| {m} | " + " | ".join(f"{fmt(x['rho'], digits=2)} (n={x['n']})" for x in cells) + " |")
+    lines += ["", "Gain on test (rows: sources; columns: targets):", "",
+              "| source | " + " | ".join(targets) + " |", "|---|" + "---:|" * len(targets)]
+    for src in srcs:
+        lines.append(f"| {src} | " + " | ".join(fmt(res["targets"][t]["pairs"][src]["gain_test"]) for t in targets)
+                     + " |")
+    if res.get("gain_figure"):
+        lines += ["", f"![gain]({fig_rel(None)})"]
+    return "\n".join(lines) + "\n"
+
+
+# -- main ---------------------------------------------------------------------------------------
+def parse(argv: list[str] | None) -> tuple[BenchConfig, argparse.Namespace]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    tier = ap.add_mutually_exclusive_group(required=True)
+    for name in TIERS:
+        tier.add_argument(f"--{name}", dest="tier", action="store_const", const=name, help=f"the {name} tier")
+    def lst(s: str) -> tuple[str, ...]:
+        return tuple(x for x in s.split(",") if x)
+
+    ap.add_argument("--sources", type=lst, help="comma-separated source tasks")
+    ap.add_argument("--targets", type=lst, help="comma-separated target tasks (few-shot specs, e.g. rte-fs)")
+    ap.add_argument("--arms", type=lst, help=f"comma-separated arms from {','.join(ARMS)} (random always runs)")
+    ap.add_argument("--seeds", type=lambda s: tuple(int(x) for x in s.split(",")), help="e.g. 0,1,2")
+    for f in ("source-steps", "steps", "pair-steps", "eval-every", "source-max-eval", "max-eval", "max-test",
+              "top-k", "shots", "batch-size", "prompt-length", "full-prompt-length"):
+        ap.add_argument(f"--{f}", type=int)
+    ap.add_argument("--lr", type=float)
+    ap.add_argument("--model-lr", type=float)
+    ap.add_argument("--model", help="backbone (default minilm)")
+    ap.add_argument("--library", help="library of source prompts, reused across runs (default runs/bench-library)")
+    ap.add_argument("--runs", help="run folders (default runs/bench-transfer/TIER)")
+    ap.add_argument("--data-dir", help="data folder (default $PROMPT_COMPOSER_DATA, else ../shared/data)")
+    ap.add_argument("--figures", help="PNG folder (default bench/figures; smoke: RUNS/figures)")
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads")
+    ap.add_argument("--retrain-sources", action="store_true", help="train source prompts even when in the library")
+    ap.add_argument("--out-json", help="results JSON (default RUNS/results.json)")
+    ap.add_argument("--out-md", help="also write the markdown section to this file")
+    args = ap.parse_args(argv)
+    values = dict(TIERS[args.tier], tier=args.tier)
+    for f in dataclasses.fields(BenchConfig):
+        v = getattr(args, f.name, None)
+        if v is not None and f.name != "tier":
+            values[f.name] = v
+    if not values.get("data_dir"):
+        values["data_dir"] = os.environ.get("PROMPT_COMPOSER_DATA") or str(ROOT.parent / "shared" / "data")
+    cfg = BenchConfig(**values)
+    bad = [a for a in cfg.arms if a not in ARMS]
+    if bad:
+        ap.error(f"unknown arm(s) {', '.join(bad)}: use {', '.join(ARMS)}")
+    if "joint" in cfg.arms and not any(a in COMPOSED for a in cfg.arms):
+        ap.error("--arms: joint starts from a composed init; add one of " + ", ".join(COMPOSED))
+    if not Path(cfg.data_dir).is_dir():
+        ap.error(f"--data-dir {cfg.data_dir} does not exist; point it (or $PROMPT_COMPOSER_DATA) at ../shared/data")
+    return cfg, args
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg, args = parse(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    command = "python bench/transfer.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    t0 = time.time()
+    load_start = round(os.getloadavg()[0], 2)
+    bench = Bench(cfg)
+    sources = bench.train_sources()
+    targets = {t: bench.run_target(t, sources) for t in cfg.targets}
+    import peft
+    import transformers
+
+    res = {"command": command, "commit": git_commit(), "config": dataclasses.asdict(cfg),
+           "machine": {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+                       "torch": torch.__version__, "transformers": transformers.__version__,
+                       "peft": peft.__version__, "python": platform.python_version(),
+                       "load_start": load_start, "load_end": round(os.getloadavg()[0], 2)},
+           "sources": sources, "targets": targets, "pair_steps": bench.pair_steps,
+           "summary": {t: summarise_target(v) for t, v in targets.items()},
+           "transferability": correlations(targets), "wall_s": round(time.time() - t0, 1)}
+
+    figs = Path(cfg.figures) if cfg.figures else (bench.runs / "figures" if cfg.tier == "smoke"
+                                                  else ROOT / "bench" / "figures")
+    fig_paths = {t: figure_target(t, targets[t], res["summary"][t], figs / f"transfer-{cfg.tier}-{t}.png")
+                 for t in targets}
+    if len(cfg.sources) > 1:
+        import numpy as np
+
+        from composer.plots import similarity_heatmap
+
+        gain = np.array([[targets[t]["pairs"][s]["gain_test"] if targets[t]["pairs"][s]["gain_test"] is not None
+                          else np.nan for t in targets] for s in cfg.sources])
+        fig_paths[None] = similarity_heatmap(gain, list(cfg.sources), list(targets),
+                                             figs / f"transfer-{cfg.tier}-gain.png",
+                                             title=f"test gain over random init ({bench.pair_steps} steps)",
+                                             cbar_label="test score gain")
+        res["gain_figure"] = str(fig_paths[None])
+    md_dir = Path(args.out_md).resolve().parent if args.out_md else (ROOT / "bench")
+
+    def fig_rel(t):
+        return os.path.relpath(Path(fig_paths[t]).resolve(), md_dir)
+
+    text = markdown(res, fig_rel)
+    out_json = Path(args.out_json or bench.runs / "results.json")
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(res, indent=2, sort_keys=True, default=str) + "\n")
+    if args.out_md:
+        Path(args.out_md).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out_md).write_text(text)
+    print(text)
+    say(f"results: {out_json}; figures: {', '.join(str(p) for p in fig_paths.values())}; {res['wall_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
