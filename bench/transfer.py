@@ -686,7 +686,7 @@ def markdown(res: dict, fig_rel) -> str:
             i0 = infos[0]
             comp.append(f"{a} [{', '.join(f'{n} {w + 0.0:.2f}' for n, w in zip(i0['candidates'], i0['weights']))}]")
         joint = [r.get("from_arm") for r in tr["runs"].get("joint", [])]
-        lines += ["", f"Zero-shot transfer (dev): " + ", ".join(f"{k} {v:.3f}" for k, v in tr["transfer"].items())
+        lines += ["", "Zero-shot transfer (dev): " + ", ".join(f"{k} {v:.3f}" for k, v in tr["transfer"].items())
                   + f". Composition weights (seed {res['config']['seeds'][0]}): " + ("; ".join(comp) or "–")
                   + (f". joint started from: {', '.join(joint)}" if joint else "")
                   + (f". Best arm chose: {', '.join(r.get('chosen', '?') for r in tr['runs'].get('best', []))}"
