@@ -62,6 +62,9 @@ sys.path.insert(0, str(ROOT / "bench"))  # the PEFT setup of step_overhead.py
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from step_overhead import cpu_model  # noqa: E402
+
+from composer.demo import read_curve  # noqa: E402
 
 log = logging.getLogger("bench.transfer")
 
@@ -135,16 +138,6 @@ def say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def git_commit() -> str:
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
@@ -154,16 +147,6 @@ def git_commit() -> str:
         return head + (" (with uncommitted changes)" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-
-
-def read_curve(run_dir: Path) -> tuple[list[int], list[float]]:
-    steps, scores = [], []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "eval" in rec:
-            steps.append(rec["step"])
-            scores.append(rec["eval"]["score"])
-    return steps, scores
 
 
 def mean_sd(xs: list[float]) -> tuple[float | None, float | None]:

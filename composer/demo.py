@@ -57,7 +57,8 @@ def model_slug(model: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model.rstrip("/")).name).strip("-.") or "model"
 
 
-def _curve(run_dir: Path) -> tuple[list[int], list[float]]:
+def read_curve(run_dir: Path) -> tuple[list[int], list[float]]:
+    """(steps, dev scores) of a run's evaluations, from its metrics.jsonl."""
     steps, scores = [], []
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
@@ -136,7 +137,7 @@ def run_demo(cfg: DemoConfig, library: Library | None = None, progress: bool = T
                              steps=cfg.target_steps, batch_size=cfg.batch_size, lr=cfg.lr, eval_every=cfg.eval_every,
                              max_eval=cfg.max_eval, seed=cfg.seed, k_shot=cfg.k_shot, run_dir=str(out / target / arm))
             r = train(tc, prepared=prepare(tc, backbone=bb, library=lib), library=lib, progress=progress)
-            curves[arm] = _curve(out / target / arm)
+            curves[arm] = read_curve(out / target / arm)
             arms.setdefault(arm, {}).update(initial=r["initial"]["score"], dev=r["best"],
                                             test=(r.get("test") or {}).get("score"), best_step=r["best_step"])
         base_final = arms["random"]["dev"]
