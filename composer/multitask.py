@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from composer import graph as G_
@@ -56,17 +56,16 @@ from composer.train import (
     BatchPlan,
     Prepared,
     TrainConfig,
-    _atomic_dir,
     _param_groups,
     _subset,
     load_checkpoint,
     load_trainable,
     recover_dir,
     lr_lambda,
+    save_best as save_trainable,
     save_checkpoint,
     save_to_library,
     shard,
-    trainable_state,
 )
 
 log = logging.getLogger(__name__)
@@ -476,9 +475,8 @@ def train_multitask(cfg: MultiTaskConfig, library: Library | None = None, progre
     def save_best(tasks: list[str]):
         """best/TASK/: the whole trainable state now, for each task that just reached its best."""
         if tasks and acc.is_main_process:
-            snap = trainable_state(core)
             for k in tasks:
-                _atomic_dir(best_dir / k, lambda d: save_file(snap, str(d / "trainable.safetensors")))
+                save_trainable(best_dir / k, core)
 
     bar = None
     if progress and acc.is_main_process:

@@ -239,11 +239,19 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, state: dict) -> Non
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, d / "optimizer.pt")
         (d / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
 
+    _write_or_fail(path, write)
+
+
+def save_best(path: Path, model) -> None:
+    _write_or_fail(path, lambda d: save_file(trainable_state(model), str(d / "trainable.safetensors")))
+
+
+def _write_or_fail(path: Path, write) -> None:
+    """A full disk (or any OSError) mid-write: a one-line error; the folder there before stays whole."""
     try:
         _atomic_dir(path, write)
     except OSError as e:
-        raise TrainingError(f"could not write checkpoint {path} ({e.strerror or e}); the previous checkpoint is "
-                            "intact") from None
+        raise TrainingError(f"could not write {path} ({e.strerror or e}); the previous one there is intact") from None
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
@@ -429,8 +437,7 @@ def train(cfg: TrainConfig, prepared: Prepared | None = None, resume: str | Path
                 if state["best"] is None or r["score"] > state["best"]:
                     state.update(best=r["score"], best_step=step, bad_evals=0)
                     if acc.is_main_process:
-                        _atomic_dir(best_dir, lambda d: save_file(trainable_state(core),
-                                                                  str(d / "trainable.safetensors")))
+                        save_best(best_dir, core)
                 else:
                     state["bad_evals"] += 1
                 if cfg.patience and state["bad_evals"] >= cfg.patience:

@@ -1,7 +1,8 @@
 """Training in child processes: two gloo processes equal one, and a kill -9 then --resume equals no kill.
 
-The two-process runs go through `python -m torch.distributed.run` (what `accelerate launch` does for a
-multi-process CPU run), with tests/dist_worker.py as the script. The tiny BERT has dropout 0, so one
+The two-process runs go through `python -m torch.distributed.run` and through `accelerate launch`
+(its own launcher, which sets up the process group with accelerate's environment), with
+tests/dist_worker.py as the script. The tiny BERT has dropout 0, so one
 process with the global batch and two processes with half each compute the same gradients up to the
 order of the float sums.
 """
@@ -127,6 +128,35 @@ def test_two_processes_reach_the_parameters_of_one(root, env):
     from composer.library import Library
 
     assert Library(root / "library").exists("mt-toy") and Library(root / "library").exists("mt-toy3")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_accelerate_launch_reaches_the_parameters_of_one(root, env):
+    """`accelerate launch --multi_gpu --num_processes 2` on a machine without a GPU equals one process.
+
+    That is accelerate's own launcher (torch's elastic agent with accelerate's environment); the loop's
+    Accelerator finds no CUDA and takes gloo. (`--cpu` with several processes wants mpirun and a hostfile.)
+    """
+    from composer.train import TrainConfig, train
+
+    log = root / "acc-writes"
+    log.mkdir()
+    launch(["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())],
+           [dict(single(root, "acc-two"), _write_log=str(log))], dict(env, CUDA_VISIBLE_DEVICES=""), root)
+    seen = [json.loads((log / f"seen-acc-two-rank{r}.json").read_text()) for r in (0, 1)]
+    assert [(s["rank"], s["world"], s["share"]) for s in seen] == [(0, 2, 4), (1, 2, 4)]
+    assert not (log / "rank1.txt").exists()
+    train(TrainConfig(**single(root, "acc-one")), progress=False)
+    a, b = trainable(root / "acc-one"), trainable(root / "acc-two")
+    torch.testing.assert_close(b["prompt_source.weight"], a["prompt_source.weight"], rtol=1e-4, atol=1e-5)
 
 
 def test_kill_9_then_resume_reaches_the_uninterrupted_parameters(root, env):

@@ -86,6 +86,40 @@ def test_nan_loss_stops_and_keeps_checkpoint(toy_task, tiny_bert_dir, tmp_path, 
     assert torch.isfinite(final_prompt(tmp_path / "run")).all()
 
 
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one(toy_task, tiny_bert_dir, tmp_path, monkeypatch):
+    import errno
+
+    real = T.save_file
+    calls = {"ckpt": 0}
+
+    def fill_disk(tensors, path):  # the 3rd checkpoint finds the disk full halfway through its first file
+        if ".checkpoint." in path:
+            calls["ckpt"] += 1
+            if calls["ckpt"] == 3:
+                with open(path, "wb") as f:
+                    f.write(b"partial")
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, path)
+
+    monkeypatch.setattr(T, "save_file", fill_disk)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingError) as e:
+        train(cfg(toy_task, tiny_bert_dir, tmp_path, checkpoint_every=2), progress=False)
+    msg = str(e.value)
+    assert "\n" not in msg and "No space left on device" in msg and "previous one there is intact" in msg
+    state = json.loads((run / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 4  # checkpoints at steps 2 and 4 landed; the one at step 6 did not
+    assert torch.isfinite(final_prompt(run)).all()
+    assert not list(run.glob(".*tmp")) and not list(run.glob(".*old"))  # no half-written folder left behind
+
+    monkeypatch.setattr(T, "save_file", real)  # space again: the run continues from step 4 to the end
+    r = train(cfg(toy_task, tiny_bert_dir, tmp_path, run_dir=None), resume=run, progress=False)
+    assert r["steps"] == 12
+    train(cfg(toy_task, tiny_bert_dir, tmp_path, run_dir=str(tmp_path / "whole"), checkpoint_every=2),
+          progress=False)
+    torch.testing.assert_close(final_prompt(run), final_prompt(tmp_path / "whole"), rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("kw,msg", [
     ({"steps": 0}, "--steps must be positive, got 0"),
     ({"lr": -1.0}, "prompt learning rate must be > 0, got -1.0"),
