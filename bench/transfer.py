@@ -81,7 +81,7 @@ TIERS = {
     # rte-fs (long premises) costs 3-5x a cr-fs step: the quick tier takes mrpc-fs to stay under 20 minutes
     "quick": dict(sources=("qqp", "mnli", "sst2", "mr"), targets=("mrpc-fs", "cr-fs"),
                   arms=("random", "vocab", "peft", "best", "average", "linear", "attention", "full", "joint"),
-                  seeds=(0,), source_steps=60, steps=60, eval_every=10, source_max_eval=200, max_eval=200,
+                  seeds=(0,), source_steps=60, steps=40, eval_every=10, source_max_eval=200, max_eval=200,
                   max_test=500, top_k=2),
     "full": dict(sources=("mnli", "qnli", "qqp", "sst2", "snli", "mr", "agnews", "trec"),
                  targets=("rte-fs", "mrpc-fs", "cb-fs", "boolq-fs", "cr-fs", "cola-fs"),

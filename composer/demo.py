@@ -32,9 +32,9 @@ class DemoConfig:
     targets: tuple[str, ...] = ("negated-polarity", "topic-polarity")
     strategies: tuple[str, ...] = STRATEGIES
     prompt_length: int = 20
-    source_steps: int = 120
+    source_steps: int = 80
     """Steps for each subtask prompt (full training data)."""
-    target_steps: int = 80
+    target_steps: int = 40
     """The same budget for every arm on a target."""
     k_shot: int = 16
     """Target training examples per class: composition matters most in the few-shot regime."""
@@ -42,8 +42,8 @@ class DemoConfig:
     """Examples per class the composer itself may look at (best, linear, attention)."""
     batch_size: int = 16
     lr: float = 0.3
-    eval_every: int = 20
-    max_eval: int = 250
+    eval_every: int = 10
+    max_eval: int = 200
     seed: int = 0
     retrain: bool = False
     """Retrain subtask prompts even when the library has them."""
