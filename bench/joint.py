@@ -14,7 +14,7 @@ best on dev, the init included) as bench/transfer.py:
 
 Sources are the transfer benchmark's (trained once, reused from --library). Nothing is chosen on test.
 
-    python bench/joint.py                        # 4 few-shot targets + cr, 3 seeds (about 40 minutes, 2 cores)
+    python bench/joint.py                        # 4 few-shot targets + cr, 3 seeds (about 70 minutes, 2 cores)
     python bench/joint.py --targets cr-fs --seeds 0 --steps 10      # a quick look
 Output: markdown on stdout (and --out-md), every run in --out-json, a figure in bench/figures/joint.png.
 """
@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import os
-import platform
 import shlex
 import shutil
 import sys
