@@ -35,31 +35,27 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_overhead import cpu_model  # noqa: E402
-from transfer import ROOT, Bench, BenchConfig, fmt, git_commit, mean_sd, say  # noqa: E402
+from transfer import ROOT, Bench, BenchConfig, default_data_dir, fmt, git_commit, mean_sd, say  # noqa: E402
 
 ARMS = ("full", "prompt-random", "prompt-composed", "joint-random", "joint-composed", "multitask")
 
 
 class JointBench(Bench):
+    def __init__(self, cfg: BenchConfig):
+        super().__init__(cfg)
+        self.graphs: dict[str, Path] = {}
+
     def composed_init(self, target: str, sources: dict, seed: int, strategy: str) -> tuple[str, dict]:
-        from composer import graph as G_
         from composer.compose import ComposeConfig, compose
-        from composer.transfer import transfer_matrix
 
         cfg = self.cfg
-        graph_path = self.runs / target / "graph.json"
-        if not graph_path.exists():
-            src_names = [sources[s]["prompt"] for s in cfg.sources]
-            zs = transfer_matrix(self.lib, src_names, [target], data_dir=cfg.data_dir, max_examples=cfg.max_eval,
-                                 backbone=self.bb)
-            G = self.graph_for(target, sources)
-            G_.link(G, target, {s: row[0] for s, row in zip(cfg.sources, zs["scores"])}, "transfer", cfg.top_k)
-            graph_path.parent.mkdir(parents=True, exist_ok=True)
-            G_.save_graph(G, graph_path)
+        if target not in self.graphs:  # linked once per run (and target), shared by every seed
+            self.graphs[target] = self.link_target(target, sources)[1]
         name = f"bench-joint-{target}-{self.slug}-{strategy}-s{seed}"
-        cr = compose(ComposeConfig(graph=str(graph_path), target=target, strategy=strategy, top_k=cfg.top_k,
-                                   metric="transfer", shots=self.few_shots(target), seed=seed, model=cfg.model,
-                                   data_dir=cfg.data_dir, save=name), library=self.lib, backbone=self.bb)
+        cr = compose(ComposeConfig(graph=str(self.graphs[target]), target=target, strategy=strategy,
+                                   top_k=cfg.top_k, metric="transfer", shots=self.few_shots(target), seed=seed,
+                                   model=cfg.model, data_dir=cfg.data_dir, save=name),
+                     library=self.lib, backbone=self.bb)
         return f"library:{name}", {"candidates": cr["candidates"], "weights": cr["weights"]}
 
     def multitask(self, seed: int, sources: dict, temperature: float) -> dict:
@@ -87,6 +83,7 @@ class JointBench(Bench):
 def multitask_sources(sources) -> list[str]:
     """The sources' few-shot splits where the catalogue has them (encoding MNLI or QQP whole per seed would
     cost minutes, and with temperature sampling they would crowd out the few-shot targets anyway)."""
+    from composer.errors import TaskError
     from composer.tasks import load_task
 
     out = []
@@ -94,7 +91,7 @@ def multitask_sources(sources) -> list[str]:
         try:
             load_task(f"{s}-fs")
             out.append(f"{s}-fs")
-        except Exception:  # noqa: BLE001 (no few-shot variant: the whole task)
+        except TaskError:  # no few-shot variant: the whole task
             out.append(s)
     return out
 
@@ -249,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out-md", default=None)
     p.add_argument("--figure", default="bench/figures/joint.png")
     a = p.parse_args(argv)
-    data_dir = a.data_dir or os.environ.get("PROMPT_COMPOSER_DATA") or str(ROOT.parent / "shared" / "data")
+    data_dir = a.data_dir or default_data_dir()
     if not Path(data_dir).is_dir():
         p.error(f"--data-dir {data_dir} does not exist; point it (or $PROMPT_COMPOSER_DATA) at ../shared/data")
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")

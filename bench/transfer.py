@@ -149,6 +149,10 @@ def git_commit() -> str:
         return "unknown"
 
 
+def default_data_dir() -> str:
+    return os.environ.get("PROMPT_COMPOSER_DATA") or str(ROOT.parent / "shared" / "data")
+
+
 def mean_sd(xs: list[float]) -> tuple[float | None, float | None]:
     xs = [x for x in xs if x is not None]
     if not xs:
@@ -339,19 +343,12 @@ class Bench:
             data["decomposition"] = {target: subs}
         return G_.from_dict(data)
 
-    def few_shots(self, task: str) -> int:
-        from composer.tasks import load_splits, load_task
-
-        labels = load_splits(load_task(task), data_dir=self.cfg.data_dir, splits=["train"], k_shot=0)["train"]["label"]
-        return max(1, min(self.cfg.shots, min(Counter(labels).values())))
-
-    def run_target(self, target: str, sources: dict) -> dict:
+    def link_target(self, target: str, sources: dict) -> tuple["object", Path, dict[str, float]]:
+        """The target's graph linked to its top-k sources by zero-shot transfer, saved in its run folder."""
         from composer import graph as G_
-        from composer.compose import ComposeConfig, compose
-        from composer.errors import ComposeError
-        from composer.transfer import similarity_matrix, transfer_matrix
+        from composer.transfer import transfer_matrix
 
-        cfg, t_start = self.cfg, time.time()
+        cfg = self.cfg
         src_names = [sources[s]["prompt"] for s in cfg.sources]
         say(f"[{target}] zero-shot transfer of {len(src_names)} source prompts")
         zs = transfer_matrix(self.lib, src_names, [target], data_dir=cfg.data_dir, max_examples=cfg.max_eval,
@@ -362,6 +359,23 @@ class Bench:
         graph_path = self.runs / target / "graph.json"
         graph_path.parent.mkdir(parents=True, exist_ok=True)
         G_.save_graph(G, graph_path)
+        return G, graph_path, transfer
+
+    def few_shots(self, task: str) -> int:
+        from composer.tasks import load_splits, load_task
+
+        labels = load_splits(load_task(task), data_dir=self.cfg.data_dir, splits=["train"], k_shot=0)["train"]["label"]
+        return max(1, min(self.cfg.shots, min(Counter(labels).values())))
+
+    def run_target(self, target: str, sources: dict) -> dict:
+        from composer import graph as G_
+        from composer.compose import ComposeConfig, compose
+        from composer.errors import ComposeError
+        from composer.transfer import similarity_matrix
+
+        cfg, t_start = self.cfg, time.time()
+        src_names = [sources[s]["prompt"] for s in cfg.sources]
+        G, graph_path, transfer = self.link_target(target, sources)
         shots = self.few_shots(target)
         subtasks = [s for s, _ in G_.subtasks(G, target)]
 
@@ -736,8 +750,7 @@ def parse(argv: list[str] | None) -> tuple[BenchConfig, argparse.Namespace]:
         v = getattr(args, f.name, None)
         if v is not None and f.name != "tier":
             values[f.name] = v
-    if not values.get("data_dir"):
-        values["data_dir"] = os.environ.get("PROMPT_COMPOSER_DATA") or str(ROOT.parent / "shared" / "data")
+    values["data_dir"] = values.get("data_dir") or default_data_dir()
     cfg = BenchConfig(**values)
     bad = [a for a in cfg.arms if a not in ARMS]
     if bad:

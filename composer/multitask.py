@@ -62,10 +62,11 @@ from composer.train import (
     load_trainable,
     recover_dir,
     lr_lambda,
-    save_best as save_trainable,
     save_checkpoint,
     save_to_library,
+    save_trainable,
     shard,
+    trainable_state,
 )
 
 log = logging.getLogger(__name__)
@@ -475,8 +476,9 @@ def train_multitask(cfg: MultiTaskConfig, library: Library | None = None, progre
     def save_best(tasks: list[str]):
         """best/TASK/: the whole trainable state now, for each task that just reached its best."""
         if tasks and acc.is_main_process:
+            snap = trainable_state(core)
             for k in tasks:
-                save_trainable(best_dir / k, core)
+                save_trainable(best_dir / k, snap)
 
     bar = None
     if progress and acc.is_main_process:

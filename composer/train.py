@@ -242,8 +242,9 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, state: dict) -> Non
     _write_or_fail(path, write)
 
 
-def save_best(path: Path, model) -> None:
-    _write_or_fail(path, lambda d: save_file(trainable_state(model), str(d / "trainable.safetensors")))
+def save_trainable(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A best-checkpoint folder: the trainable tensors only, written whole or not at all."""
+    _write_or_fail(path, lambda d: save_file(tensors, str(d / "trainable.safetensors")))
 
 
 def _write_or_fail(path: Path, write) -> None:
@@ -437,7 +438,7 @@ def train(cfg: TrainConfig, prepared: Prepared | None = None, resume: str | Path
                 if state["best"] is None or r["score"] > state["best"]:
                     state.update(best=r["score"], best_step=step, bad_evals=0)
                     if acc.is_main_process:
-                        save_best(best_dir, core)
+                        save_trainable(best_dir, trainable_state(core))
                 else:
                     state["bad_evals"] += 1
                 if cfg.patience and state["bad_evals"] >= cfg.patience:
