@@ -65,6 +65,10 @@ def test_resume_refuses_another_task(toy_task, tiny_bert_dir, tmp_path):
     other = cfg(toy_task, tiny_bert_dir, tmp_path, model="minilm")
     with pytest.raises(TrainingError, match="that run has model .* this one 'minilm'"):
         train(other, resume=tmp_path / "run", progress=False)
+    with pytest.raises(TrainingError, match="that run has mode 'prompt', this one 'joint'"):
+        train(cfg(toy_task, tiny_bert_dir, tmp_path, mode="joint"), resume=tmp_path / "run", progress=False)
+    with pytest.raises(TrainingError, match="that run has task .* this one 'polarity'"):
+        train(cfg(toy_task, tiny_bert_dir, tmp_path, task="polarity"), resume=tmp_path / "run", progress=False)
     with pytest.raises(TrainingError, match="no config.json there"):
         train(other, resume=tmp_path / "nowhere", progress=False)
 
