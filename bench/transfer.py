@@ -28,8 +28,14 @@ zero-shot transfer: Spearman over all pairs.
 Tiers (2 CPU cores, minilm):
     python bench/transfer.py --smoke              # a few minutes: proves the pipeline end to end
     python bench/transfer.py --quick              # under 20 minutes: 4 sources, 2 targets, 1 seed
-    python bench/transfer.py --full               # hours: 8 sources, 6 targets, 3 seeds
+    python bench/transfer.py --full               # ~13 hours: 8 sources, 6 few-shot targets + CR, 3 seeds
 Every tier takes overrides, e.g. --targets rte-fs --arms random,best,full --seeds 0,1.
+
+Nothing finished is lost: each tuning run and each composition writes a record (record.json, with
+what it depends on: settings, init prompt's content hash) into its run folder, and a later invocation
+with the same settings reads it back instead of running again (--rerun: run everything). A killed
+run starts its own arm over; the full tier can be run piecewise (--targets cola-fs,cr-fs then the
+rest) and a last invocation over every target writes the whole report from the records.
 Output: a results JSON (--out-json), a markdown section (stdout and --out-md), PNG figures under
 bench/figures/ (--figures; the smoke tier keeps its figures in its run folder). Progress goes to stderr.
 """
@@ -38,6 +44,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -84,7 +91,7 @@ TIERS = {
                   seeds=(0,), source_steps=60, steps=40, eval_every=10, source_max_eval=200, max_eval=200,
                   max_test=500, top_k=2),
     "full": dict(sources=("mnli", "qnli", "qqp", "sst2", "snli", "mr", "agnews", "trec"),
-                 targets=("rte-fs", "mrpc-fs", "cb-fs", "boolq-fs", "cr-fs", "cola-fs"),
+                 targets=("cola-fs", "cr-fs", "mrpc-fs", "cb-fs", "rte-fs", "boolq-fs", "cr"),
                  arms=ARMS, seeds=(0, 1, 2), source_steps=300, steps=100, eval_every=10, source_max_eval=500,
                  max_eval=500, max_test=1000, top_k=3),
 }
@@ -130,6 +137,8 @@ class BenchConfig:
     """PNG folder; None = bench/figures (committed), or the run folder for the smoke tier."""
     threads: int | None = None
     retrain_sources: bool = False
+    rerun: bool = False
+    """Run every arm again even when its run folder holds a finished record made with the same settings."""
     extra: dict = field(default_factory=dict)
 
 
@@ -183,6 +192,45 @@ class Bench:
         self.bb = load_backbone(cfg.model)
         self.cache: dict[tuple, dict] = {}
         self.pair_steps = cfg.pair_steps or cfg.steps
+        self.commit = git_commit()
+        self.reused = 0  # finished runs taken from their run folders
+
+    # -- finished runs are kept: a killed or split-up benchmark goes on where it stopped ----------
+    def entry_sha(self, init: str) -> str | None:
+        """A library init's content hash (its tensors), so a retrained source invalidates its runs."""
+        if not init.startswith("library:") or not self.lib.exists(init.removeprefix("library:")):
+            return None
+        h = hashlib.sha256()
+        for f in sorted(self.lib._dir(init.removeprefix("library:")).glob("*.safetensors")):
+            h.update(f.read_bytes())
+        return h.hexdigest()[:16]
+
+    def run_key(self, **what) -> dict:
+        """What a finished run depends on, JSON-normalised (tuples become lists)."""
+        c = self.cfg
+        key = dict(what, model=c.model, batch_size=c.batch_size, lr=c.lr, model_lr=c.model_lr,
+                   eval_every=c.eval_every, max_eval=c.max_eval, max_test=c.max_test)
+        return json.loads(json.dumps(key, sort_keys=True))
+
+    def stored(self, path: Path, key: dict) -> dict | None:
+        if self.cfg.rerun:
+            return None
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        if rec.get("key") != key:
+            return None
+        self.reused += 1
+        return rec
+
+    def store(self, path: Path, key: dict, rec: dict) -> dict:
+        from composer.library import atomic_write_text
+
+        rec = dict(rec, key=key, commit=self.commit)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(rec, indent=1, sort_keys=True, default=str))
+        return rec
 
     # -- 1. sources -----------------------------------------------------------------------------
     def source_name(self, task: str) -> str:
@@ -226,6 +274,12 @@ class Bench:
         if key in self.cache:
             return self.cache[key]
         run_dir = self.runs / task / run_name
+        rkey = self.run_key(arm="composer", task=task, init=init, init_sha=self.entry_sha(init), seed=seed,
+                            steps=steps, mode=mode, prompt_length=P)
+        rec = self.stored(run_dir / "record.json", rkey)
+        if rec is not None and (save is None or self.lib.exists(save)):
+            self.cache[key] = rec
+            return rec
         shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl appends: start clean
         tc = TrainConfig(task=task, model=cfg.model, prompt_length=P, init=init, mode=mode, unfreeze="all",
                          steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, model_lr=cfg.model_lr,
@@ -245,7 +299,7 @@ class Bench:
                "test": (r.get("test") or {}).get("score"), "best_step": r["best_step"], "curve": curve,
                "seconds": r["seconds"], "s_per_step": r["seconds"] / max(1, r["steps"]), "run_dir": str(run_dir),
                "metric": r["metric"]}
-        self.cache[key] = rec
+        rec = self.cache[key] = self.store(run_dir / "record.json", rkey, rec)
         return rec
 
     def peft(self, task: str, seed: int, steps: int, run_name: str) -> dict:
@@ -257,6 +311,12 @@ class Bench:
         from composer.train import BatchPlan, TrainConfig, _subset, lr_lambda, prepare
 
         cfg = self.cfg
+        run_dir = self.runs / task / run_name
+        rkey = self.run_key(arm="peft", task=task, init="random", seed=seed, steps=steps,
+                            prompt_length=cfg.prompt_length)
+        rec = self.stored(run_dir / "record.json", rkey)
+        if rec is not None:
+            return rec
         tc = TrainConfig(task=task, model=cfg.model, prompt_length=cfg.prompt_length, steps=steps,
                          batch_size=cfg.batch_size, lr=cfg.lr, seed=seed, data_dir=cfg.data_dir)
         prep = prepare(tc, backbone=self.bb, library=self.lib)  # random's init, data and head
@@ -281,7 +341,6 @@ class Bench:
                                                   lr_lambda(tc.schedule, int(tc.warmup * steps), steps))
         pad = self.bb.tokenizer.pad_token_id
         plan = BatchPlan(len(prep.train), cfg.batch_size, seed)
-        run_dir = self.runs / task / run_name
         shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.mkdir(parents=True)
         curve: tuple[list[int], list[float]] = ([], [])
@@ -324,7 +383,7 @@ class Bench:
                "curve": curve, "seconds": round(seconds, 2), "s_per_step": seconds / steps, "run_dir": str(run_dir),
                "metric": prep.spec.metric}
         del arm, own
-        return rec
+        return self.store(run_dir / "record.json", rkey, rec)
 
     # -- 3. one target ------------------------------------------------------------------------------
     def graph_for(self, target: str, sources: dict) -> "object":
@@ -376,6 +435,7 @@ class Bench:
         cfg, t_start = self.cfg, time.time()
         src_names = [sources[s]["prompt"] for s in cfg.sources]
         G, graph_path, transfer = self.link_target(target, sources)
+        graph_sha = hashlib.sha256(graph_path.read_bytes()).hexdigest()[:16]
         shots = self.few_shots(target)
         subtasks = [s for s, _ in G_.subtasks(G, target)]
 
@@ -403,17 +463,24 @@ class Bench:
                 strategy, method = ("linear", "powell") if arm == "linear-gf" else (arm, "lbfgs")
                 name = f"bench-{target}-{self.slug}-{arm}-s{seed}"
                 t0 = time.time()
-                try:
-                    cr = compose(ComposeConfig(graph=str(graph_path), target=target, strategy=strategy,
-                                               top_k=cfg.top_k, metric="transfer", shots=shots, method=method,
-                                               seed=seed, model=cfg.model, data_dir=cfg.data_dir, save=name),
-                                 library=self.lib, backbone=self.bb)
-                except ComposeError as e:
-                    skipped[arm] = str(e)
-                    say(f"[{target}] {arm}: skipped ({e})")
-                    continue
-                info = {"seed": seed, "candidates": cr["candidates"], "weights": cr["weights"],
-                        "compose_seconds": round(time.time() - t0, 2)}
+                ckey = self.run_key(arm=arm, graph=graph_sha, top_k=cfg.top_k, shots=shots, seed=seed,
+                                    sources={s: self.entry_sha(f"library:{sources[s]['prompt']}") for s in cfg.sources})
+                cpath = self.runs / target / "compose" / f"{arm}-s{seed}.json"
+                info = self.stored(cpath, ckey) if self.lib.exists(name) else None
+                if info is None:
+                    try:
+                        cr = compose(ComposeConfig(graph=str(graph_path), target=target, strategy=strategy,
+                                                   top_k=cfg.top_k, metric="transfer", shots=shots, method=method,
+                                                   seed=seed, model=cfg.model, data_dir=cfg.data_dir, save=name),
+                                     library=self.lib, backbone=self.bb)
+                    except ComposeError as e:
+                        skipped[arm] = str(e)
+                        say(f"[{target}] {arm}: skipped ({e})")
+                        continue
+                    info = self.store(cpath, ckey, {"seed": seed, "candidates": cr["candidates"],
+                                                    "weights": cr["weights"],
+                                                    "compose_seconds": round(time.time() - t0, 2)})
+                cr = info
                 composed_info.setdefault(arm, []).append(info)
                 if arm == "best":  # the chosen source's own prompt: the same run as its transferability run
                     i = max(range(len(cr["weights"])), key=lambda j: cr["weights"][j])
@@ -641,6 +708,14 @@ def markdown(res: dict, fig_rel) -> str:
         f"{res['machine']['load_end']} at the end (other jobs share the cores). Wall time {res['wall_s']:.0f} s.  ",
         f"Seeds: {', '.join(map(str, c['seeds']))} (training seed of every target arm: init, batch order, dropout, "
         "composer few-shot sample; the few-shot data split itself is the task's fixed one).", "",
+    ]
+    if res.get("reused_runs"):
+        lines[-1:-1] = [
+            f"Resumed: {res['reused_runs']} finished runs (and compositions) were read back from their run folders, "
+            f"made by earlier invocations of this command; the runs come from commit(s) "
+            + ", ".join(f"`{x[:10]}`" for x in res.get("run_commits", [])) + ". Wall time and load cover this "
+            "invocation only, the s/step columns are each run's own.  "]
+    lines += [
         f"Backbone `{c['model']}` (frozen except in full and joint), prompt length {c['prompt_length']}. Sources "
         f"trained {c['source_steps']} steps each (seed 0, full training split, batch {c['batch_size']}, lr {c['lr']}): "
         + ", ".join(f"{s} {fmt(v.get('dev'))}" + (" (reused)" if v.get("reused") else "")
@@ -742,6 +817,8 @@ def parse(argv: list[str] | None) -> tuple[BenchConfig, argparse.Namespace]:
     ap.add_argument("--figures", help="PNG folder (default bench/figures; smoke: RUNS/figures)")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads")
     ap.add_argument("--retrain-sources", action="store_true", help="train source prompts even when in the library")
+    ap.add_argument("--rerun", action="store_true",
+                    help="run every arm again, even when its run folder holds a finished record with these settings")
     ap.add_argument("--out-json", help="results JSON (default RUNS/results.json)")
     ap.add_argument("--out-md", help="also write the markdown section to this file")
     args = ap.parse_args(argv)
@@ -783,7 +860,10 @@ def main(argv: list[str] | None = None) -> None:
                        "load_start": load_start, "load_end": round(os.getloadavg()[0], 2)},
            "sources": sources, "targets": targets, "pair_steps": bench.pair_steps,
            "summary": {t: summarise_target(v) for t, v in targets.items()},
-           "transferability": correlations(targets), "wall_s": round(time.time() - t0, 1)}
+           "transferability": correlations(targets), "wall_s": round(time.time() - t0, 1),
+           "reused_runs": bench.reused,
+           "run_commits": sorted({r.get("commit", "unknown").split()[0] for v in targets.values()
+                                  for recs in v["runs"].values() for r in recs})}
 
     figs = Path(cfg.figures) if cfg.figures else (bench.runs / "figures" if cfg.tier == "smoke"
                                                   else ROOT / "bench" / "figures")
