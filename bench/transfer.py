@@ -276,8 +276,9 @@ class Bench:
         run_dir = self.runs / task / run_name
         rkey = self.run_key(arm="composer", task=task, init=init, init_sha=self.entry_sha(init), seed=seed,
                             steps=steps, mode=mode, prompt_length=P)
-        rec = self.stored(run_dir / "record.json", rkey)
-        if rec is not None and (save is None or self.lib.exists(save)):
+        # the seed-0 random run also saves the target's prompt: reuse it only while that prompt is there
+        rec = self.stored(run_dir / "record.json", rkey) if save is None or self.lib.exists(save) else None
+        if rec is not None:
             self.cache[key] = rec
             return rec
         shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl appends: start clean

@@ -1,0 +1,79 @@
+"""bench/transfer.py keeps each finished run's record and reads it back only when nothing it depends on changed."""
+import dataclasses
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench_mod():
+    spec = importlib.util.spec_from_file_location("bench_transfer", ROOT / "bench" / "transfer.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_transfer"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(autouse=True)
+def _in_task_dir(toy_task, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the toy task by name: ./tasks/toy.yaml
+
+
+def make(bench_mod, tiny_bert_dir, tmp_path, **kw):
+    cfg = bench_mod.BenchConfig(tier="smoke", model=str(tiny_bert_dir), library=str(tmp_path / "lib"),
+                                runs=str(tmp_path / "runs"), data_dir=str(tmp_path / "data"), steps=4, eval_every=2,
+                                max_eval=16, max_test=16, batch_size=8, prompt_length=4, lr=0.1)
+    return bench_mod.Bench(dataclasses.replace(cfg, **kw))
+
+
+def test_finished_run_is_read_back(bench_mod, toy_task, tiny_bert_dir, tmp_path):
+    a = make(bench_mod, tiny_bert_dir, tmp_path)
+    first = a.tune("toy", "random", 0, 4, "random-s0")
+    record = tmp_path / "runs" / "toy" / "random-s0" / "record.json"
+    assert record.exists() and first["key"]["init"] == "random"
+    stamp = record.stat().st_mtime_ns
+
+    b = make(bench_mod, tiny_bert_dir, tmp_path)  # a later invocation: a new process, same settings
+    again = b.tune("toy", "random", 0, 4, "random-s0")
+    assert b.reused == 1 and again == json.loads(record.read_text())
+    assert (again["dev"], again["test"], again["curve"]) == (first["dev"], first["test"], [list(x) for x in first["curve"]])
+    assert record.stat().st_mtime_ns == stamp  # not run again
+
+    c = make(bench_mod, tiny_bert_dir, tmp_path, lr=0.05)  # another setting: runs again
+    c.tune("toy", "random", 0, 4, "random-s0")
+    assert c.reused == 0 and json.loads(record.read_text())["key"]["lr"] == 0.05
+
+    d = make(bench_mod, tiny_bert_dir, tmp_path, lr=0.05, rerun=True)
+    d.tune("toy", "random", 0, 4, "random-s0")
+    assert d.reused == 0
+
+
+def test_changed_init_prompt_runs_again(bench_mod, toy_task, tiny_bert_dir, tmp_path):
+    a = make(bench_mod, tiny_bert_dir, tmp_path)
+    H = a.bb.model.config.hidden_size
+    a.lib.save("src", torch.randn(4, H, generator=torch.Generator().manual_seed(0)), {"backbone": str(tiny_bert_dir)})
+    a.tune("toy", "library:src", 0, 4, "from-src-s0")
+    b = make(bench_mod, tiny_bert_dir, tmp_path)
+    b.tune("toy", "library:src", 0, 4, "from-src-s0")
+    assert b.reused == 1
+
+    b.lib.save("src", torch.randn(4, H, generator=torch.Generator().manual_seed(1)), {"backbone": str(tiny_bert_dir)})
+    c = make(bench_mod, tiny_bert_dir, tmp_path)  # same name, other tensors (a retrained source)
+    c.tune("toy", "library:src", 0, 4, "from-src-s0")
+    assert c.reused == 0
+
+
+def test_saved_prompt_missing_from_library_runs_again(bench_mod, toy_task, tiny_bert_dir, tmp_path):
+    a = make(bench_mod, tiny_bert_dir, tmp_path)
+    a.tune("toy", "random", 0, 4, "random-s0", save="toy-random")
+    assert a.lib.exists("toy-random")
+    a.lib.remove("toy-random")
+    b = make(bench_mod, tiny_bert_dir, tmp_path)
+    b.tune("toy", "random", 0, 4, "random-s0", save="toy-random")
+    assert b.reused == 0 and b.lib.exists("toy-random")
