@@ -383,7 +383,7 @@ class Bench:
                "test": evaluate(test)["score"] if test is not None else None, "best_step": best_step,
                "curve": curve, "seconds": round(seconds, 2), "s_per_step": seconds / steps, "run_dir": str(run_dir),
                "metric": prep.spec.metric}
-        del arm, own
+        arm = own = None  # free the model copy before the next arm (the closures above are done with it)
         return self.store(run_dir / "record.json", rkey, rec)
 
     # -- 3. one target ------------------------------------------------------------------------------

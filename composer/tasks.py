@@ -57,13 +57,16 @@ import string
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import numpy as np
 import yaml
 
 from composer.errors import TaskError
 from composer.metrics import METRICS
+
+if TYPE_CHECKING:  # datasets is imported where data is loaded, not at import time
+    import datasets
 
 log = logging.getLogger(__name__)
 
@@ -672,7 +675,7 @@ def load_splits(
     splits: Iterable[str] | None = None,
     k_shot: int | None = None,
     seed: int | None = None,
-) -> dict[str, "datasets.Dataset"]:  # noqa: F821
+) -> dict[str, datasets.Dataset]:
     """Load a task's splits as datasets.
 
     Args:
