@@ -437,6 +437,7 @@ class Bench:
         src_names = [sources[s]["prompt"] for s in cfg.sources]
         G, graph_path, transfer = self.link_target(target, sources)
         graph_sha = hashlib.sha256(graph_path.read_bytes()).hexdigest()[:16]
+        source_shas = {s: self.entry_sha(f"library:{sources[s]['prompt']}") for s in cfg.sources}  # once per target
         shots = self.few_shots(target)
         subtasks = [s for s, _ in G_.subtasks(G, target)]
 
@@ -465,7 +466,7 @@ class Bench:
                 name = f"bench-{target}-{self.slug}-{arm}-s{seed}"
                 t0 = time.time()
                 ckey = self.run_key(arm=arm, graph=graph_sha, top_k=cfg.top_k, shots=shots, seed=seed,
-                                    sources={s: self.entry_sha(f"library:{sources[s]['prompt']}") for s in cfg.sources})
+                                    sources=source_shas)
                 cpath = self.runs / target / "compose" / f"{arm}-s{seed}.json"
                 info = self.stored(cpath, ckey) if self.lib.exists(name) else None
                 if info is None:
