@@ -142,6 +142,21 @@ class BenchConfig:
     extra: dict = field(default_factory=dict)
 
 
+# Every BenchConfig field either is in Bench.run_key's settings or is named here with how it reaches a run
+# (tests/test_bench_transfer.py checks this): a new field must pick one, or stale records would be reused.
+RUN_KEY_ELSEWHERE = {
+    # given by the caller with each run
+    "steps": "arg", "pair_steps": "arg", "prompt_length": "arg", "full_prompt_length": "arg", "top_k": "arg",
+    "shots": "arg", "seeds": "arg",
+    # reach a run through the init prompts' content hashes
+    "sources": "hash", "source_steps": "hash", "source_max_eval": "hash", "retrain_sources": "hash",
+    "library": "hash",
+    # which runs, where they go, how they are reported: not what one run computes
+    "tier": "none", "targets": "none", "arms": "none", "runs": "none", "figures": "none", "threads": "none",
+    "rerun": "none", "extra": "none", "data_dir": "none",  # where the data lives, not what it is
+}
+
+
 # -- small helpers ------------------------------------------------------------------------------
 def say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
@@ -200,10 +215,7 @@ class Bench:
         """A library init's content hash (its tensors), so a retrained source invalidates its runs."""
         if not init.startswith("library:") or not self.lib.exists(init.removeprefix("library:")):
             return None
-        h = hashlib.sha256()
-        for f in sorted(self.lib._dir(init.removeprefix("library:")).glob("*.safetensors")):
-            h.update(f.read_bytes())
-        return h.hexdigest()[:16]
+        return self.lib.content_sha(init.removeprefix("library:"))
 
     def run_key(self, **what) -> dict:
         """What a finished run depends on, JSON-normalised (tuples become lists)."""

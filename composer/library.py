@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -127,6 +128,13 @@ class Library:
 
     def exists(self, name: str) -> bool:
         return (self.root / check_name(name) / META_FILE).exists()
+
+    def content_sha(self, name: str) -> str:
+        """A short hash of the entry's tensors (not its metadata): equal exactly when the saved prompt is."""
+        h = hashlib.sha256()
+        for f in sorted(self._dir(name).glob("*.safetensors")):
+            h.update(f.read_bytes())
+        return h.hexdigest()[:16]
 
     def _dir(self, name: str) -> Path:
         d = self.root / check_name(name)

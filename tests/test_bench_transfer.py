@@ -77,3 +77,13 @@ def test_saved_prompt_missing_from_library_runs_again(bench_mod, toy_task, tiny_
     b = make(bench_mod, tiny_bert_dir, tmp_path)
     b.tune("toy", "random", 0, 4, "random-s0", save="toy-random")
     assert b.reused == 0 and b.lib.exists("toy-random")
+
+
+def test_every_setting_is_in_the_run_key_or_accounted_for(bench_mod, tiny_bert_dir, tmp_path):
+    b = make(bench_mod, tiny_bert_dir, tmp_path)
+    fields = {f.name for f in dataclasses.fields(bench_mod.BenchConfig)}
+    keyed = set(b.run_key())
+    elsewhere = set(bench_mod.RUN_KEY_ELSEWHERE)
+    assert not keyed & elsewhere, f"both in the key and said to be elsewhere: {keyed & elsewhere}"
+    assert fields - keyed - elsewhere == set(), "BenchConfig fields neither in run_key nor in RUN_KEY_ELSEWHERE"
+    assert elsewhere <= fields, f"RUN_KEY_ELSEWHERE names fields BenchConfig no longer has: {elsewhere - fields}"

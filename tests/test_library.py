@@ -46,6 +46,19 @@ def test_overwrite_and_remove(tmp_path):
     assert lib.names() == [] and not any(p.name.endswith(".old") for p in tmp_path.iterdir())
 
 
+def test_content_sha_follows_the_tensors_not_the_metadata(tmp_path):
+    lib = Library(tmp_path)
+    p = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    lib.save("a", p, meta(metrics={"dev": {"score": 0.5}}))
+    first = lib.content_sha("a")
+    lib.save("a", p.clone(), meta(metrics={"dev": {"score": 0.9}}))  # resaved, other metadata
+    assert lib.content_sha("a") == first and len(first) == 16
+    lib.save("a", p + 1e-3, meta())
+    assert lib.content_sha("a") != first
+    with pytest.raises(LibraryError, match="no prompt"):
+        lib.content_sha("missing")
+
+
 def test_default_root_from_env(tmp_path, monkeypatch):
     monkeypatch.setenv("PROMPT_COMPOSER_LIBRARY", str(tmp_path / "x"))
     assert default_root() == tmp_path / "x" and Library().root == tmp_path / "x"
