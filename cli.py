@@ -143,20 +143,22 @@ def task_check(name, data_dir, as_json):
 # --------------------------------------------------------------------------------------------- train
 @cli.command()
 @click.argument("task_name", metavar="TASK", required=False)
-@click.option("--model", default="minilm", show_default=True, help="Backbone: alias (minilm, smollm2-135m), path or hub id.")
+@click.option("--model", default="minilm", show_default=True,
+              help="Backbone: alias (minilm, smollm2-135m), path or hub id (--multitask: the graph's, else minilm).")
 @click.option("--head", type=click.Choice(["verbalizer", "label-similarity", "linear"]), help="Default: by family.")
 @click.option("--prompt-length", default=20, show_default=True, type=int)
 @click.option("--init", default="random", show_default=True, help="random | vocab | text | text:WORDS | library:NAME")
 @click.option("--mode", type=click.Choice(["prompt", "joint"]), default="prompt", show_default=True)
 @click.option("--unfreeze", default="all", show_default=True, help="Joint mode: all | last:N | bias | none.")
-@click.option("--steps", default=300, show_default=True, type=int)
-@click.option("--batch-size", default=16, show_default=True, type=int)
+@click.option("--steps", default=300, show_default=True, type=int, help="--multitask default: 1000.")
+@click.option("--batch-size", default=16, show_default=True, type=int, help="--multitask default: 32.")
 @click.option("--lr", "--prompt-lr", "lr", default=0.3, show_default=True, type=float, help="Prompt learning rate.")
 @click.option("--model-lr", default=2e-5, show_default=True, type=float, help="Backbone learning rate (joint).")
 @click.option("--schedule", type=click.Choice(["linear", "cosine", "constant"]), default="linear", show_default=True)
 @click.option("--warmup", default=0.06, show_default=True, type=float, help="Warm-up fraction of the steps.")
-@click.option("--eval-every", default=50, show_default=True, type=int)
-@click.option("--max-eval", default=1000, show_default=True, type=int, help="Dev examples used during training.")
+@click.option("--eval-every", default=50, show_default=True, type=int, help="--multitask default: 100.")
+@click.option("--max-eval", default=1000, show_default=True, type=int,
+              help="Dev examples used during training (--multitask default: 500).")
 @click.option("--patience", default=0, show_default=True, type=int, help="Early stop after N evals without gain.")
 @click.option("--k-shot", type=int, help="Train on k examples per class.")
 @click.option("--seed", default=0, show_default=True, type=int)
@@ -197,15 +199,16 @@ def train(ctx, task_name, model, head, prompt_length, init, mode, unfreeze, step
 
         if not (graph_path or task_list):
             raise click.UsageError("--multitask needs --graph GRAPH or --tasks a,b,...")
-        ctx_src = click.get_current_context()
-        given = lambda name: ctx_src.get_parameter_source(name).name != "DEFAULT"  # noqa: E731
-        mcfg = MultiTaskConfig(tasks=task_list, graph=graph_path, model=model if given("model") else None, head=head,
-                               prompt_length=prompt_length, init=init, mode=mode, unfreeze=unfreeze, steps=steps,
-                               batch_size=batch_size, lr=lr, model_lr=model_lr, schedule=schedule, warmup=warmup,
-                               eval_every=eval_every, max_eval=max_eval, patience=patience, k_shot=k_shot, seed=seed,
-                               temperature=temperature if given("temperature") else 1.0, composer=composer_kind,
-                               mixed_precision=mixed_precision, data_dir=data_dir, save_prefix=save_prefix,
-                               run_dir=run_dir)
+        # options left at the command's defaults give way to MultiTaskConfig's (more steps, larger mixed batches)
+        src = click.get_current_context()
+        given = lambda name: src.get_parameter_source(name).name != "DEFAULT"  # noqa: E731
+        values = dict(model=model, head=head, prompt_length=prompt_length, init=init, mode=mode, unfreeze=unfreeze,
+                      steps=steps, batch_size=batch_size, lr=lr, model_lr=model_lr, schedule=schedule, warmup=warmup,
+                      eval_every=eval_every, max_eval=max_eval, patience=patience, k_shot=k_shot, seed=seed,
+                      temperature=temperature, mixed_precision=mixed_precision, data_dir=data_dir,
+                      save_prefix=save_prefix, run_dir=run_dir)
+        mcfg = MultiTaskConfig(tasks=task_list, graph=graph_path, composer=composer_kind,
+                               **{k: v for k, v in values.items() if given(k)})
         result = train_multitask(mcfg, library=_library(ctx), progress=not quiet, resume=resume)
         if as_json:
             _emit(result, True)

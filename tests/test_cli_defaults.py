@@ -49,3 +49,24 @@ def test_cli_defaults_match_config(command, config):
         assert got == want, f"{command} --{p.name.replace('_', '-')}: cli says {got!r}, {config.__name__} says {want!r}"
         checked.append(p.name)
     assert len(checked) >= 4, f"{command}: only {checked} compared; has the parameter naming changed?"
+
+
+def test_multitask_takes_its_own_defaults_for_options_not_given(monkeypatch, tmp_path):
+    """`train --multitask` passes on only the options given; the rest are MultiTaskConfig's (not single-task's)."""
+    import composer.multitask as mt
+    from click.testing import CliRunner
+
+    seen = {}
+
+    def fake(cfg, **kw):
+        seen["cfg"] = cfg
+        return {"per_task": {}}
+
+    monkeypatch.setattr(mt, "train_multitask", fake)
+    r = CliRunner().invoke(cli.cli, ["--library", str(tmp_path), "train", "--multitask", "--tasks", "a,b",
+                                     "--lr", "0.1", "--seed", "3"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    got, want = seen["cfg"], mt.MultiTaskConfig(tasks="a,b")
+    assert (got.lr, got.seed, got.tasks) == (0.1, 3, want.tasks)
+    for name in ("steps", "batch_size", "eval_every", "max_eval", "temperature", "model", "composer"):
+        assert getattr(got, name) == getattr(want, name), name
