@@ -901,12 +901,14 @@ def main(argv: list[str] | None = None) -> None:
         return os.path.relpath(Path(fig_paths[t]).resolve(), md_dir)
 
     text = markdown(res, fig_rel)
+    from composer.library import atomic_write_text
+
     out_json = Path(args.out_json or bench.runs / "results.json")
     out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps(res, indent=2, sort_keys=True, default=str) + "\n")
+    atomic_write_text(out_json, json.dumps(res, indent=2, sort_keys=True, default=str) + "\n")
     if args.out_md:
         Path(args.out_md).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out_md).write_text(text)
+        atomic_write_text(Path(args.out_md), text)
     print(text)
     say(f"results: {out_json}; figures: {', '.join(str(p) for p in fig_paths.values())}; {res['wall_s']:.0f} s")
 

@@ -87,3 +87,41 @@ def test_every_setting_is_in_the_run_key_or_accounted_for(bench_mod, tiny_bert_d
     assert not keyed & elsewhere, f"both in the key and said to be elsewhere: {keyed & elsewhere}"
     assert fields - keyed - elsewhere == set(), "BenchConfig fields neither in run_key nor in RUN_KEY_ELSEWHERE"
     assert elsewhere <= fields, f"RUN_KEY_ELSEWHERE names fields BenchConfig no longer has: {elsewhere - fields}"
+
+
+def test_whole_pipeline_writes_its_report_and_reads_it_back(bench_mod, toy_task, tiny_bert_dir, tmp_path, capsys):
+    """main() end to end on a tiny BERT: sources, every arm, transferability, figures, markdown; then again from
+    the records alone."""
+    from tests.conftest import write_toy_task
+
+    for name in ("toy-a", "toy-b"):  # two source tasks (the toy data under other names)
+        write_toy_task(tmp_path, name)
+    out = tmp_path / "out"
+    argv = ["--smoke", "--model", str(tiny_bert_dir), "--sources", "toy-a,toy-b", "--targets", "toy",
+            "--arms", "random,vocab,peft,best,average,linear,linear-gf,attention,full,joint", "--source-steps", "4",
+            "--steps", "4", "--eval-every", "2", "--max-eval", "16", "--max-test", "16", "--prompt-length", "4",
+            "--batch-size", "8", "--library", str(tmp_path / "lib"), "--runs", str(out / "runs"),
+            "--figures", str(out / "fig"), "--data-dir", str(tmp_path / "data"), "--out-md", str(out / "r.md")]
+    bench_mod.main(argv)
+    capsys.readouterr()
+    res = json.loads((out / "runs" / "results.json").read_text())
+    t = res["targets"]["toy"]
+    arms = {"random", "vocab", "peft", "best", "average", "linear", "linear-gf", "attention", "full", "joint"}
+    assert set(t["runs"]) == arms and all(len(v) == 1 for v in t["runs"].values())
+    assert t["skipped"] == {}  # concat is not asked for; nothing else may be skipped
+    assert set(t["pairs"]) == {"toy-a", "toy-b"}
+    for gain in ("gain_dev", "gain_dev_last", "gain_test"):
+        assert set(res["transferability"][gain]) == {"cos-avg", "cos-tok", "on", "transfer"}
+        assert all(v["n"] == 2 for v in res["transferability"][gain].values())
+    assert all(0 <= r["test"] <= 1 for v in t["runs"].values() for r in v)
+    md = (out / "r.md").read_text()
+    for arm in arms:
+        assert f"| {arm} |" in md
+    assert (out / "fig" / "transfer-smoke-toy.png").stat().st_size > 0
+    assert (out / "fig" / "transfer-smoke-gain.png").stat().st_size > 0
+    assert res["reused_runs"] == 0
+
+    bench_mod.main(argv)  # again: everything is read back, the report is the same but for wall time and load
+    again = json.loads((out / "runs" / "results.json").read_text())
+    assert again["reused_runs"] > 0 and again["summary"] == res["summary"]
+    assert again["targets"]["toy"]["runs"] == t["runs"]
