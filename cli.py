@@ -195,20 +195,17 @@ def train(ctx, task_name, model, head, prompt_length, init, mode, unfreeze, step
     from composer.train import TrainConfig, train as run_train
 
     if multitask or graph_path or task_list:
+        import dataclasses
+
         from composer.multitask import MultiTaskConfig, train_multitask
 
         if not (graph_path or task_list):
             raise click.UsageError("--multitask needs --graph GRAPH or --tasks a,b,...")
         # options left at the command's defaults give way to MultiTaskConfig's (more steps, larger mixed batches)
-        src = click.get_current_context()
-        given = lambda name: src.get_parameter_source(name).name != "DEFAULT"  # noqa: E731
-        values = dict(model=model, head=head, prompt_length=prompt_length, init=init, mode=mode, unfreeze=unfreeze,
-                      steps=steps, batch_size=batch_size, lr=lr, model_lr=model_lr, schedule=schedule, warmup=warmup,
-                      eval_every=eval_every, max_eval=max_eval, patience=patience, k_shot=k_shot, seed=seed,
-                      temperature=temperature, mixed_precision=mixed_precision, data_dir=data_dir,
-                      save_prefix=save_prefix, run_dir=run_dir)
-        mcfg = MultiTaskConfig(tasks=task_list, graph=graph_path, composer=composer_kind,
-                               **{k: v for k, v in values.items() if given(k)})
+        fields = {f.name for f in dataclasses.fields(MultiTaskConfig)}
+        given = {k: v for k, v in ctx.params.items()
+                 if k in fields and ctx.get_parameter_source(k) is not click.core.ParameterSource.DEFAULT}
+        mcfg = MultiTaskConfig(tasks=task_list, graph=graph_path, composer=composer_kind, **given)
         result = train_multitask(mcfg, library=_library(ctx), progress=not quiet, resume=resume)
         if as_json:
             _emit(result, True)
