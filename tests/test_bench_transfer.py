@@ -125,3 +125,26 @@ def test_whole_pipeline_writes_its_report_and_reads_it_back(bench_mod, toy_task,
     again = json.loads((out / "runs" / "results.json").read_text())
     assert again["reused_runs"] > 0 and again["summary"] == res["summary"]
     assert again["targets"]["toy"]["runs"] == t["runs"]
+
+
+def _rec(seed, test, dev=0.5):
+    return {"seed": seed, "initial": 0.3, "dev": dev, "test": test, "s_per_step": 0.1,
+            "curve": [[0, 10], [0.3, dev]]}
+
+
+def test_gap_closed_only_where_full_tuning_beats_random_by_more_than_the_noise(bench_mod):
+    from transfer_report import summarise_target
+
+    def summary(random, full, arm):
+        runs = {name: [_rec(i, x) for i, x in enumerate(xs)]
+                for name, xs in (("random", random), ("full", full), ("best", arm))}
+        return summarise_target({"runs": runs})
+
+    clear = summary([0.70, 0.72, 0.74], [0.90, 0.91, 0.92], [0.805, 0.815, 0.825])
+    assert clear["best"]["gap_test"] == pytest.approx(0.5)  # (0.815 - 0.72) / (0.91 - 0.72)
+    assert clear["full"]["gap_test"] == pytest.approx(1.0) and clear["random"]["gap_test"] == 0.0
+    # full ahead by 0.006 with random's seeds 0.06 apart: a gap inside the noise gets no number
+    noisy = summary([0.625, 0.679, 0.554], [0.625, 0.607, 0.643], [0.446, 0.393, 0.482])
+    assert noisy["best"]["gap_test"] is None and noisy["full"]["gap_test"] is None
+    behind = summary([0.70, 0.72, 0.74], [0.60, 0.61, 0.62], [0.80, 0.81, 0.82])
+    assert behind["best"]["gap_test"] is None
