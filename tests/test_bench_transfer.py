@@ -148,3 +148,10 @@ def test_gap_closed_only_where_full_tuning_beats_random_by_more_than_the_noise(b
     assert noisy["best"]["gap_test"] is None and noisy["full"]["gap_test"] is None
     behind = summary([0.70, 0.72, 0.74], [0.60, 0.61, 0.62], [0.80, 0.81, 0.82])
     assert behind["best"]["gap_test"] is None
+
+    # the mean gap (summary table and claims alike) skips the targets that have none
+    from transfer_report import claims, mean_gap
+    both = {"clear": clear, "noisy": noisy}
+    assert mean_gap(both, "best") == (pytest.approx(0.5), 1)
+    assert mean_gap({"noisy": noisy}, "best") == (None, 0)
+    assert "mean gap closed (test) 0.50 over 1 targets" in "\n".join(claims(both))
