@@ -129,7 +129,8 @@ def task_show(name, as_json):
 @click.option("--json", "as_json", is_flag=True)
 def task_check(name, data_dir, as_json):
     """Load every split of a task and count rows and labels."""
-    from composer.tasks import check_task, load_task
+    from composer.taskdata import check_task
+    from composer.tasks import load_task
 
     summary = check_task(load_task(name), data_dir)
     if as_json:
@@ -273,7 +274,8 @@ def eval_cmd(ctx, name, task_name, model, split, head, max_examples, data_dir, m
     from composer.backbones import load_backbone
     from composer.build import encode_split, from_library
     from composer.evaluate import evaluate
-    from composer.tasks import load_splits, load_task
+    from composer.taskdata import load_splits
+    from composer.tasks import load_task
     from composer.train import _subset
 
     lib = _library(ctx)

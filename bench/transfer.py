@@ -416,7 +416,8 @@ class Bench:
         return G, graph_path, transfer
 
     def few_shots(self, task: str) -> int:
-        from composer.tasks import load_splits, load_task
+        from composer.taskdata import load_splits
+        from composer.tasks import load_task
 
         labels = load_splits(load_task(task), data_dir=self.cfg.data_dir, splits=["train"], k_shot=0)["train"]["label"]
         return max(1, min(self.cfg.shots, min(Counter(labels).values())))

@@ -183,7 +183,7 @@ def mean_attention(pm, enc: Encoded, batch_size: int = 64) -> torch.Tensor:
 
 
 def _few_shot(spec, backbone: Backbone, shots: int, seed: int, data_dir) -> Encoded:
-    from composer.tasks import load_splits
+    from composer.taskdata import load_splits
 
     splits = load_splits(spec, data_dir=data_dir, splits=["train"], k_shot=0, seed=seed)
     ds = splits["train"]

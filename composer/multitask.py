@@ -331,7 +331,7 @@ def _library_entry(library: Library, name: str, backbone: Backbone, what: str):
 def prepare_multitask(cfg: MultiTaskConfig, backbone: Backbone | None = None,
                       library: Library | None = None) -> MultiPrepared:
     """Load the backbone, every task's data, and build the MultiTaskModel (nothing trains yet)."""
-    from composer.tasks import load_splits
+    from composer.taskdata import load_splits
 
     library = library or Library()
     found, G = resolve_tasks(cfg)

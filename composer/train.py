@@ -294,7 +294,8 @@ def _subset(enc: Encoded, n: int | None, seed: int) -> Encoded:
 def prepare(cfg: TrainConfig, backbone: Backbone | None = None, library: Library | None = None,
             prompt_source=None) -> Prepared:
     """Load backbone, task and data, and build the prompted model (nothing trains yet)."""
-    from composer.tasks import load_splits, load_task
+    from composer.taskdata import load_splits
+    from composer.tasks import load_task
 
     spec = load_task(cfg.task)
     backbone = backbone or load_backbone(cfg.model)

@@ -104,7 +104,7 @@ def _stack(entries, metric: str) -> torch.Tensor:
 
 
 def _dev(spec, backbone: Backbone, data_dir, max_examples: int | None, split: str = "dev") -> Encoded:
-    from composer.tasks import load_splits
+    from composer.taskdata import load_splits
     from composer.train import _subset
 
     available = spec.split_names()

@@ -1,4 +1,4 @@
-"""composer.tasks: specs, readers, splits, k-shot, and every bad input's message.
+"""composer.tasks and composer.taskdata: specs, readers, splits, k-shot, and every bad input's message.
 
 Real-data checks run when ../shared/data exists next to the repository.
 """
@@ -14,16 +14,8 @@ import yaml
 
 from composer import tasks as T
 from composer.errors import TaskError
-from composer.tasks import (
-    TaskSpec,
-    check_task,
-    list_tasks,
-    load_splits,
-    load_task,
-    normalize_label,
-    resolve_data_dir,
-    sample_k_shot,
-)
+from composer.taskdata import check_task, load_splits, sample_k_shot
+from composer.tasks import TaskSpec, list_tasks, load_task, normalize_label, resolve_data_dir
 
 REPO = Path(__file__).resolve().parents[1]
 TASK_FILES = sorted((REPO / "tasks").glob("*.yaml"))

@@ -166,7 +166,8 @@ def test_save_and_reload_linear_head(toy_task, tiny_bert_dir, tmp_path):
     from composer.backbones import load_backbone
     from composer.build import encode_split, from_library
     from composer.evaluate import predict
-    from composer.tasks import load_splits, load_task
+    from composer.taskdata import load_splits
+    from composer.tasks import load_task
 
     r = train(cfg(toy_task, tiny_bert_dir, tmp_path, head="linear", save="lin"), progress=False)
     e = Library().load("lin")
