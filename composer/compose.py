@@ -4,7 +4,7 @@
     compose(cfg)           -> a strategy turns them into a prompt; it goes into the library with its
                               provenance, and the weights go back onto the graph's edges
 
-Strategies (math in composer/mixing.py):
+Strategies (math in composer/mixing.py and composer/attention.py):
   best       score each candidate zero-shot on the target's few-shot examples, keep the best
   average    similarity-weighted average (SPoT), softmax with a temperature
   linear     weights optimized on the few-shot examples (LoraHub-style; L-BFGS-B or Powell), L1 penalty
@@ -22,6 +22,7 @@ from torch import nn
 
 from composer import graph as G_
 from composer import mixing
+from composer.attention import AttentionComposer
 from composer.backbones import Backbone, load_backbone
 from composer.build import Encoded, build_model, encode_split, freeze_backbone
 from composer.errors import ComposeError
@@ -135,7 +136,7 @@ def candidates(G, target: str, library: Library, metric: str | None = None, top_
 class MixtureSource(nn.Module):
     """An AttentionComposer as a prompt source: forward(embeds, mask) -> [B, P, H]."""
 
-    def __init__(self, composer: mixing.AttentionComposer):
+    def __init__(self, composer: AttentionComposer):
         super().__init__()
         self.composer = composer
         self._static: torch.Tensor | None = None
@@ -260,7 +261,7 @@ def compose(cfg: ComposeConfig, library: Library | None = None, backbone: Backbo
                 log.warning("linear weights did not converge (%s); keeping the best found (loss %.4f)",
                             res.message, res.loss)
         else:  # attention
-            comp = mixing.AttentionComposer(stack, temperature=cfg.temperature, seed=cfg.seed)
+            comp = AttentionComposer(stack, temperature=cfg.temperature, seed=cfg.seed)
             pm = build_model(bb, spec, MixtureSource(comp), seed=cfg.seed)
             freeze_backbone(pm)
             if cfg.steps > 0:
@@ -328,6 +329,6 @@ def load_source(entry, library: Library | None = None) -> nn.Module | None:
     if not tensors:
         return None
     conf = (entry.meta.get("provenance") or {}).get("composer_config") or {}
-    src = MixtureSource(mixing.AttentionComposer.from_saved(tensors, conf))
+    src = MixtureSource(AttentionComposer.from_saved(tensors, conf))
     src.set_static(entry.prompt)
     return src

@@ -10,28 +10,27 @@ B batch, T input tokens.
 - ``combine`` / ``optimize_linear``: a linear combination sum_k w_k c_k whose weights
   are fitted on a few target examples with scipy (L-BFGS-B through torch autograd, or
   gradient-free Powell / Nelder-Mead as LoraHub does), with an L1 penalty.
-- ``AttentionComposer``: ATTEMPT's attentional mixture, one prompt per example.
+- ATTEMPT's attentional mixture, one prompt per example, is ``composer.attention``; it
+  shares this module's boundary checks.
 - ``concat``: prompts of different lengths joined along P.
 """
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import scipy.optimize
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from composer.errors import ComposeError
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "AttentionComposer",
     "LinearResult",
     "average",
     "best",
@@ -50,7 +49,7 @@ def _label(i: int, names: Sequence[str] | None) -> str:
     return f"{names[i]!r} (#{i})" if names is not None else f"#{i}"
 
 
-def _check_temperature(temperature: float, what: str = "temperature") -> float:
+def check_temperature(temperature: float, what: str = "temperature") -> float:
     t = float(temperature)
     if not math.isfinite(t) or t <= 0:
         raise ComposeError(f"{what} must be a finite number > 0, got {temperature!r}")
@@ -160,7 +159,7 @@ def average(
     stack = check_candidates(candidates)  # [K, P, H]
     K = stack.shape[0]
     if temperature is not None:
-        temperature = _check_temperature(temperature)
+        temperature = check_temperature(temperature)
     if normalise not in ("softmax", "sum"):
         raise ComposeError(f"normalise must be 'softmax' or 'sum', got {normalise!r}")
     if weights is None:
@@ -370,203 +369,3 @@ def optimize_linear(
         history=history,
         method=method,
     )
-
-
-# --- attention (ATTEMPT) ------------------------------------------------------------
-
-
-def _masked_max(x: Tensor, mask: Tensor) -> Tensor:
-    """Max over T of x [B, T, H] where mask [B, T] is nonzero -> [B, H]."""
-    keep = mask.bool().unsqueeze(-1)  # [B, T, 1]
-    return x.masked_fill(~keep, torch.finfo(x.dtype).min).max(dim=1).values
-
-
-class AttentionComposer(nn.Module):
-    """ATTEMPT's attentional mixture of soft prompts (Asai et al., EMNLP 2022).
-
-    Per example, with input embeddings x [T, H] and mask m [T]:
-
-        h_x  = LayerNorm(W_up SiLU(W_down maxpool_T(x)))       [H]      W_down: H -> rank
-        keys = maxpool_P([c_1 .. c_K, target])                 [K+1, H]
-        a    = softmax(keys @ h_x / temperature)               [K+1]
-        prompt = target + sum_{j<=K+1} a_j * [c_1 .. c_K, target]_j     [P, H]
-
-    As in ATTEMPT's T5 code (attn_method "sub" in T5Stack.forward,
-    attempt/third_party/models/t5/modeling_t5.py of AkariAsai/ATTEMPT), the target prompt is one of the K+1
-    attended prompts and is also added once more outside the weighted sum. Two
-    departures: the max-pool over the input ignores padding (ATTEMPT pools over all
-    positions, pads included) and ``dropout`` (default 0, ATTEMPT has none) acts on h_x.
-    The projections have no bias and start at N(0, 0.01), as ATTEMPT initialises them;
-    ``temperature`` None is ATTEMPT's H * e.
-
-    The candidates are a frozen buffer; only the target prompt, the two projections
-    and the LayerNorm train. ``target_init`` None starts the target prompt at zeros,
-    so the first prompts are attention-weighted mixes of the candidates alone.
-    """
-
-    _TENSOR_KEYS = ("candidates", "target_prompt", "down.weight", "up.weight",
-                    "layer_norm.weight", "layer_norm.bias")
-    _CONFIG_KEYS = ("kind", "version", "num_candidates", "prompt_length", "hidden_size",
-                    "rank", "temperature", "dropout")
-
-    def __init__(
-        self,
-        candidates: Tensor | Sequence[Tensor],
-        target_init: Tensor | None = None,
-        rank: int = 32,
-        temperature: float | None = None,
-        dropout: float = 0.0,
-        seed: int | None = None,
-    ):
-        super().__init__()
-        stack = check_candidates(candidates).detach().float()  # [K, P, H]
-        K, P, H = stack.shape
-        if int(rank) < 1:
-            raise ComposeError(f"rank (down-projection size) must be >= 1, got {rank}")
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ComposeError(f"dropout must be in [0, 1), got {dropout}")
-        self.temperature = (_check_temperature(temperature) if temperature is not None
-                            else float(H * math.e))
-        if target_init is None:
-            target = torch.zeros(P, H, device=stack.device)
-        else:
-            if not isinstance(target_init, Tensor) or tuple(target_init.shape) != (P, H):
-                got = (list(target_init.shape) if isinstance(target_init, Tensor)
-                       else type(target_init).__name__)
-                raise ComposeError(f"target_init must be [P, H] = {[P, H]} like the candidates, got {got}")
-            target = target_init.detach().float().clone().to(stack.device)
-
-        self.num_candidates, self.prompt_length, self.hidden_size = K, P, H
-        self.rank, self.dropout_p = int(rank), float(dropout)
-        self.register_buffer("candidates", stack.clone().contiguous())  # [K, P, H], frozen
-        self.target_prompt = nn.Parameter(target)  # [P, H]
-        self.down = nn.Linear(H, self.rank, bias=False, device=stack.device)
-        self.up = nn.Linear(self.rank, H, bias=False, device=stack.device)
-        self.layer_norm = nn.LayerNorm(H, device=stack.device)
-        self.dropout = nn.Dropout(self.dropout_p)
-        gen = torch.Generator(device="cpu")
-        if seed is not None:
-            gen.manual_seed(int(seed))
-        else:
-            gen.seed()
-        with torch.no_grad():
-            for lin in (self.down, self.up):
-                lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen) * 0.01)
-        self.last_weights: Tensor | None = None  # [B, K+1] from the latest forward, detached
-
-    def attended(self) -> Tensor:
-        """The K candidates followed by the target prompt: [K+1, P, H]."""
-        return torch.cat([self.candidates, self.target_prompt.unsqueeze(0)], dim=0)
-
-    def forward(self, input_embeds: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """input_embeds [B, T, H], attention_mask [B, T] (1 = token, 0 = pad) ->
-        (prompts [B, P, H], weights [B, K+1]); weight column K is the target prompt's."""
-        if input_embeds.dim() != 3 or input_embeds.shape[-1] != self.hidden_size:
-            raise ComposeError(
-                f"input_embeds must be [B, T, H] with H = {self.hidden_size}, "
-                f"got {list(input_embeds.shape)}"
-            )
-        B, T, H = input_embeds.shape
-        if attention_mask is None:
-            attention_mask = torch.ones(B, T, device=input_embeds.device)
-        if tuple(attention_mask.shape) != (B, T):
-            raise ComposeError(
-                f"attention_mask must be [B, T] = {[B, T]} like input_embeds, "
-                f"got {list(attention_mask.shape)}"
-            )
-        empty = (~attention_mask.bool().any(dim=1)).nonzero().flatten().tolist()
-        if empty:
-            raise ComposeError(f"attention_mask has no tokens in batch rows {empty}; nothing to pool")
-
-        x = _masked_max(input_embeds.to(self.target_prompt.dtype), attention_mask)  # [B, H]
-        h = self.layer_norm(self.up(F.silu(self.down(x))))  # [B, H]
-        h = self.dropout(h)
-        prompts_all = self.attended()  # [K+1, P, H]
-        keys = prompts_all.max(dim=1).values  # [K+1, H]
-        scores = h @ keys.T / self.temperature  # [B, K+1]
-        a = torch.softmax(scores, dim=-1)  # [B, K+1]
-        mixed = torch.einsum("bk,kph->bph", a, prompts_all)  # [B, P, H]
-        prompts = mixed + self.target_prompt.unsqueeze(0)  # [B, P, H]
-        self.last_weights = a.detach()
-        return prompts, a
-
-    @torch.no_grad()
-    def distill(self, batches: Iterable[tuple[Tensor, Tensor | None]]) -> Tensor:
-        """The mean mixed prompt over every example of the given (input_embeds [B, T, H],
-        attention_mask [B, T]) batches -> [P, H]; a static prompt where one is needed.
-        Runs in eval mode (no dropout) and restores the training flag."""
-        was_training = self.training
-        self.eval()
-        try:
-            total = torch.zeros(self.prompt_length, self.hidden_size,
-                                dtype=torch.float64, device=self.target_prompt.device)
-            n = 0
-            for input_embeds, attention_mask in batches:
-                prompts, _ = self(input_embeds, attention_mask)  # [B, P, H]
-                total += prompts.double().sum(dim=0)
-                n += prompts.shape[0]
-        finally:
-            self.train(was_training)
-        if n == 0:
-            raise ComposeError("distill needs at least one input example, got no batches")
-        return (total / n).to(self.target_prompt.dtype)
-
-    def state_for_save(self) -> tuple[dict[str, Tensor], dict]:
-        """(tensors, config) for safetensors + JSON: contiguous float32 CPU tensors under
-        stable keys, and the config that rebuilds the module with ``from_saved``."""
-        source = {
-            "candidates": self.candidates,
-            "target_prompt": self.target_prompt,
-            "down.weight": self.down.weight,
-            "up.weight": self.up.weight,
-            "layer_norm.weight": self.layer_norm.weight,
-            "layer_norm.bias": self.layer_norm.bias,
-        }
-        tensors = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in source.items()}
-        config = {
-            "kind": "attention",
-            "version": 1,
-            "num_candidates": self.num_candidates,
-            "prompt_length": self.prompt_length,
-            "hidden_size": self.hidden_size,
-            "rank": self.rank,
-            "temperature": self.temperature,
-            "dropout": self.dropout_p,
-        }
-        return tensors, config
-
-    @classmethod
-    def from_saved(cls, tensors: dict[str, Tensor], config: dict) -> AttentionComposer:
-        """Rebuild from ``state_for_save`` output; checks every key and shape it reads."""
-        missing = [k for k in cls._CONFIG_KEYS if k not in config]
-        if missing:
-            raise ComposeError(
-                f"attention composer config lacks {missing}; was it written by state_for_save?"
-            )
-        if config["kind"] != "attention":
-            raise ComposeError(f"config kind must be 'attention', got {config['kind']!r}")
-        unknown = sorted(set(config) - set(cls._CONFIG_KEYS))
-        if unknown:
-            logger.warning("attention composer config: ignoring unknown keys %s (newer version?)", unknown)
-        missing = [k for k in cls._TENSOR_KEYS if k not in tensors]
-        if missing:
-            raise ComposeError(f"attention composer tensors lack {missing}")
-        K, P, H, r = (int(config[k]) for k in ("num_candidates", "prompt_length", "hidden_size", "rank"))
-        expected = {
-            "candidates": (K, P, H), "target_prompt": (P, H), "down.weight": (r, H),
-            "up.weight": (H, r), "layer_norm.weight": (H,), "layer_norm.bias": (H,),
-        }
-        for key, shape in expected.items():
-            if tuple(tensors[key].shape) != shape:
-                raise ComposeError(
-                    f"saved tensor {key!r} has shape {list(tensors[key].shape)}, "
-                    f"expected {list(shape)} from the config"
-                )
-        module = cls(tensors["candidates"], tensors["target_prompt"], rank=r,
-                     temperature=float(config["temperature"]), dropout=float(config["dropout"]), seed=0)
-        with torch.no_grad():
-            module.down.weight.copy_(tensors["down.weight"])
-            module.up.weight.copy_(tensors["up.weight"])
-            module.layer_norm.weight.copy_(tensors["layer_norm.weight"])
-            module.layer_norm.bias.copy_(tensors["layer_norm.bias"])
-        return module

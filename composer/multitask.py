@@ -44,7 +44,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from composer import graph as G_
-from composer import mixing
+from composer.attention import AttentionComposer
 from composer.backbones import Backbone, load_backbone
 from composer.build import build_model, encode_split, init_prompt, resolve_head
 from composer.encoding import pad_batch
@@ -276,11 +276,11 @@ def _shared_attention(stack: torch.Tensor, keys: list[str], rank: int, seed: int
     are one shared set. stack [K, P, H] -> (shared ModuleDict, {task: MixtureSource})."""
     from composer.compose import MixtureSource
 
-    template = mixing.AttentionComposer(stack, rank=rank, seed=seed)
+    template = AttentionComposer(stack, rank=rank, seed=seed)
     shared = nn.ModuleDict({"down": template.down, "up": template.up, "layer_norm": template.layer_norm})
     out = {}
     for t in keys:
-        comp = mixing.AttentionComposer(stack, rank=rank, seed=seed)  # target prompt starts at zeros
+        comp = AttentionComposer(stack, rank=rank, seed=seed)  # target prompt starts at zeros
         comp.down, comp.up, comp.layer_norm = shared["down"], shared["up"], shared["layer_norm"]
         out[t] = MixtureSource(comp)
     return shared, out
