@@ -96,7 +96,8 @@ class ComposerArm:
     def __init__(self, bb, P: int, B: int, lr: float, steps: int):
         from accelerate import Accelerator
 
-        from composer.train import TrainConfig, _param_groups, lr_lambda, prepare
+        from composer.runstate import lr_lambda
+        from composer.train import TrainConfig, _param_groups, prepare
 
         self.cfg = TrainConfig(task=TASK, model=bb.name, prompt_length=P, batch_size=B, lr=lr, steps=steps,
                                warmup=0.0, schedule="constant", seed=0)

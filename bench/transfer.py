@@ -303,7 +303,8 @@ class Bench:
 
         from composer.build import freeze_backbone
         from composer.evaluate import score
-        from composer.train import BatchPlan, TrainConfig, _subset, lr_lambda, prepare
+        from composer.runstate import BatchPlan, lr_lambda
+        from composer.train import TrainConfig, _subset, prepare
 
         cfg = self.cfg
         run_dir = self.runs / task / run_name

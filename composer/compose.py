@@ -305,7 +305,7 @@ def write_weights(G, target: str, cands: list[Candidate], weights: list[float], 
 
 def _fit(pm, enc: Encoded, steps: int, lr: float, seed: int, batch_size: int = 16) -> None:
     """A few AdamW steps on the prompt-source parameters (attention module + target prompt)."""
-    from composer.train import BatchPlan
+    from composer.runstate import BatchPlan
 
     params = [p for p in pm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)

@@ -101,7 +101,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 def swap_dir(tmp: Path, final: Path) -> None:
     """Put a finished temp folder in place of ``final``: the old one is renamed aside, then dropped.
 
-    A crash between the two renames leaves the old folder as ``.FINAL.*.old`` (train.recover_dir puts it back).
+    A crash between the two renames leaves the old folder as ``.FINAL.*.old`` (runstate.recover_dir puts it back).
     """
     old = None
     if final.exists():

@@ -52,22 +52,18 @@ from composer.errors import TrainingError
 from composer.evaluate import evaluate
 from composer.library import Library, atomic_write_text, check_compatible
 from composer.model import PromptedModel
-from composer.train import (
+from composer.runstate import (
     BatchPlan,
-    Prepared,
-    TrainConfig,
-    _param_groups,
-    _subset,
     load_checkpoint,
     load_trainable,
-    recover_dir,
     lr_lambda,
+    recover_dir,
     save_checkpoint,
-    save_to_library,
     save_trainable,
     shard,
     trainable_state,
 )
+from composer.train import Prepared, TrainConfig, _param_groups, _subset, save_to_library
 
 log = logging.getLogger(__name__)
 

@@ -6,32 +6,39 @@ The loop is visible top to bottom in ``train``. What makes it safe to kill:
   run sees exactly the batches and dropout masks an uninterrupted run would;
 - a checkpoint (trainable tensors as safetensors, optimizer/scheduler state, step, best score) is
   written into a temporary folder and renamed over the previous one, so a crash or a full disk
-  mid-write leaves the previous checkpoint whole.
+  mid-write leaves the previous checkpoint whole (both in composer/runstate.py).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
-import math
-import os
 import re
-import shutil
 import sys
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from composer.backbones import Backbone, load_backbone
 from composer.build import Encoded, build_model, encode_split, freeze_backbone, init_prompt, resolve_head
 from composer.errors import ComposerError, TrainingError
 from composer.evaluate import evaluate
-from composer.library import Library, atomic_write_text, swap_dir
+from composer.library import Library, atomic_write_text
+from composer.runstate import (
+    BatchPlan,
+    load_checkpoint,
+    load_trainable,
+    lr_lambda,
+    recover_dir,
+    save_checkpoint,
+    save_trainable,
+    shard,
+    trainable_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -152,115 +159,6 @@ def backbone_filter(spec: str, num_layers: int):
         return i is not None and i >= num_layers - n
 
     return keep
-
-
-# -- data order ---------------------------------------------------------------------------------
-class BatchPlan:
-    """The global batch at step s is a pure function of (seed, s): resumable with no sampler state."""
-
-    def __init__(self, n: int, batch_size: int, seed: int, weights: torch.Tensor | None = None):
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self._perms: dict[int, list[int]] = {}
-
-    def _perm(self, epoch: int) -> list[int]:
-        if epoch not in self._perms:
-            g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
-            self._perms = {epoch: torch.randperm(self.n, generator=g).tolist()}
-        return self._perms[epoch]
-
-    def indices(self, step: int) -> list[int]:
-        out = []
-        for pos in range(step * self.batch_size, (step + 1) * self.batch_size):
-            out.append(self._perm(pos // self.n)[pos % self.n])
-        return out
-
-
-def shard(idx: list[int], rank: int, world: int) -> list[int]:
-    """This process's part of a global batch (contiguous, equal sizes when divisible)."""
-    per = math.ceil(len(idx) / world)
-    return idx[rank * per : (rank + 1) * per]
-
-
-def lr_lambda(schedule: str, warmup_steps: int, total: int):
-    def f(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / max(1, warmup_steps)
-        frac = (step - warmup_steps) / max(1, total - warmup_steps)
-        if schedule == "linear":
-            return max(0.0, 1.0 - frac)
-        if schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
-        return 1.0
-
-    return f
-
-
-# -- checkpoints --------------------------------------------------------------------------------
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().to("cpu", torch.float32).contiguous().clone()
-            for n, p in model.named_parameters() if p.requires_grad}
-
-
-def load_trainable(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
-    missing = [n for n in tensors if n not in params]
-    if missing:
-        raise TrainingError(f"checkpoint holds parameters this model lacks: {missing[:3]}")
-    with torch.no_grad():
-        for n, t in tensors.items():
-            params[n].copy_(t.to(params[n].dtype))
-
-
-def _atomic_dir(final: Path, write) -> None:
-    """Write a folder whole or not at all: fill a temp folder, then swap it in."""
-    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.mkdir(parents=True)
-    try:
-        write(tmp)
-        swap_dir(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def recover_dir(final: Path) -> None:
-    """A kill between the two renames of _atomic_dir leaves only .NAME.*.old beside it: put it back."""
-    if final.exists():
-        return
-    olds = sorted(final.parent.glob(f".{final.name}.*.old"), key=lambda p: p.stat().st_mtime)
-    if olds:
-        log.warning("%s was being replaced when the run stopped; restoring the previous one", final)
-        os.rename(olds[-1], final)
-
-
-def save_checkpoint(path: Path, model, optimizer, scheduler, state: dict) -> None:
-    def write(d: Path):
-        save_file(trainable_state(model), str(d / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, d / "optimizer.pt")
-        (d / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
-
-    _write_or_fail(path, write)
-
-
-def save_trainable(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """A best-checkpoint folder: the trainable tensors only, written whole or not at all."""
-    _write_or_fail(path, lambda d: save_file(tensors, str(d / "trainable.safetensors")))
-
-
-def _write_or_fail(path: Path, write) -> None:
-    """A full disk (or any OSError) mid-write: a one-line error; the folder there before stays whole."""
-    try:
-        _atomic_dir(path, write)
-    except OSError as e:
-        raise TrainingError(f"could not write {path} ({e.strerror or e}); the previous one there is intact") from None
-
-
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    load_trainable(model, load_file(str(path / "trainable.safetensors")))
-    opt = torch.load(path / "optimizer.pt", weights_only=True)
-    optimizer.load_state_dict(opt["optimizer"])
-    scheduler.load_state_dict(opt["scheduler"])
-    return json.loads((path / "state.json").read_text())
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -399,7 +297,7 @@ def train(cfg: TrainConfig, prepared: Prepared | None = None, resume: str | Path
         r0 = do_eval(0)
         state.update(initial=r0, best=r0["score"], best_step=0)
         if acc.is_main_process:
-            _atomic_dir(best_dir, lambda d: save_file(trainable_state(core), str(d / "trainable.safetensors")))
+            save_trainable(best_dir, trainable_state(core))
     model.train()
     t0, step = time.time(), state["step"]
     try:

@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import composer.runstate as R
 import composer.train as T
 from composer.errors import TrainingError
 from composer.library import Library
@@ -93,7 +94,7 @@ def test_nan_loss_stops_and_keeps_checkpoint(toy_task, tiny_bert_dir, tmp_path, 
 def test_disk_full_during_a_checkpoint_keeps_the_previous_one(toy_task, tiny_bert_dir, tmp_path, monkeypatch):
     import errno
 
-    real = T.save_file
+    real = R.save_file
     calls = {"ckpt": 0}
 
     def fill_disk(tensors, path):  # the 3rd checkpoint finds the disk full halfway through its first file
@@ -105,7 +106,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(toy_task, tiny_ber
                 raise OSError(errno.ENOSPC, "No space left on device")
         return real(tensors, path)
 
-    monkeypatch.setattr(T, "save_file", fill_disk)
+    monkeypatch.setattr(R, "save_file", fill_disk)
     run = tmp_path / "run"
     with pytest.raises(TrainingError) as e:
         train(cfg(toy_task, tiny_bert_dir, tmp_path, checkpoint_every=2), progress=False)
@@ -116,7 +117,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(toy_task, tiny_ber
     assert torch.isfinite(final_prompt(run)).all()
     assert not list(run.glob(".*tmp")) and not list(run.glob(".*old"))  # no half-written folder left behind
 
-    monkeypatch.setattr(T, "save_file", real)  # space again: the run continues from step 4 to the end
+    monkeypatch.setattr(R, "save_file", real)  # space again: the run continues from step 4 to the end
     r = train(cfg(toy_task, tiny_bert_dir, tmp_path, run_dir=None), resume=run, progress=False)
     assert r["steps"] == 12
     train(cfg(toy_task, tiny_bert_dir, tmp_path, run_dir=str(tmp_path / "whole"), checkpoint_every=2),
@@ -182,12 +183,12 @@ def test_save_and_reload_linear_head(toy_task, tiny_bert_dir, tmp_path):
 
 
 def test_batch_plan_is_a_function_of_the_step():
-    a, b = T.BatchPlan(10, 4, seed=3), T.BatchPlan(10, 4, seed=3)
+    a, b = R.BatchPlan(10, 4, seed=3), R.BatchPlan(10, 4, seed=3)
     seq = [a.indices(s) for s in range(6)]
     assert [b.indices(s) for s in (5, 0, 3)] == [seq[5], seq[0], seq[3]]
     flat = sum(seq[:5], [])  # 20 positions = two epochs, each a permutation of 0..9
     assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
-    assert T.shard(list(range(8)), 1, 2) == [4, 5, 6, 7]
+    assert R.shard(list(range(8)), 1, 2) == [4, 5, 6, 7]
 
 
 def test_gradient_checkpointing_run_matches(toy_task, tiny_bert_dir, tmp_path):

@@ -1,0 +1,137 @@
+"""What makes a training run safe to kill: batch order and atomic checkpoints.
+
+- The batch at step s is a pure function of (seed, s) (``BatchPlan``): indices come from
+  per-epoch permutations seeded by (seed, epoch), so a resumed run sees exactly the batches
+  an uninterrupted run would.
+- A checkpoint (trainable tensors as safetensors, optimizer/scheduler state, step, best
+  score) is written into a temporary folder and renamed over the previous one, so a crash
+  or a full disk mid-write leaves the previous checkpoint whole.
+
+Shared by composer.train (one task) and composer.multitask (many).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from composer.errors import TrainingError
+from composer.library import swap_dir
+
+log = logging.getLogger(__name__)
+
+
+# -- data order ---------------------------------------------------------------------------------
+class BatchPlan:
+    """The global batch at step s is a pure function of (seed, s): resumable with no sampler state."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, weights: torch.Tensor | None = None):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self._perms: dict[int, list[int]] = {}
+
+    def _perm(self, epoch: int) -> list[int]:
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+            self._perms = {epoch: torch.randperm(self.n, generator=g).tolist()}
+        return self._perms[epoch]
+
+    def indices(self, step: int) -> list[int]:
+        out = []
+        for pos in range(step * self.batch_size, (step + 1) * self.batch_size):
+            out.append(self._perm(pos // self.n)[pos % self.n])
+        return out
+
+
+def shard(idx: list[int], rank: int, world: int) -> list[int]:
+    """This process's part of a global batch (contiguous, equal sizes when divisible)."""
+    per = math.ceil(len(idx) / world)
+    return idx[rank * per : (rank + 1) * per]
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        frac = (step - warmup_steps) / max(1, total - warmup_steps)
+        if schedule == "linear":
+            return max(0.0, 1.0 - frac)
+        if schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+        return 1.0
+
+    return f
+
+
+# -- checkpoints --------------------------------------------------------------------------------
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().to("cpu", torch.float32).contiguous().clone()
+            for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    missing = [n for n in tensors if n not in params]
+    if missing:
+        raise TrainingError(f"checkpoint holds parameters this model lacks: {missing[:3]}")
+    with torch.no_grad():
+        for n, t in tensors.items():
+            params[n].copy_(t.to(params[n].dtype))
+
+
+def _atomic_dir(final: Path, write) -> None:
+    """Write a folder whole or not at all: fill a temp folder, then swap it in."""
+    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+        swap_dir(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def recover_dir(final: Path) -> None:
+    """A kill between the two renames of _atomic_dir leaves only .NAME.*.old beside it: put it back."""
+    if final.exists():
+        return
+    olds = sorted(final.parent.glob(f".{final.name}.*.old"), key=lambda p: p.stat().st_mtime)
+    if olds:
+        log.warning("%s was being replaced when the run stopped; restoring the previous one", final)
+        os.rename(olds[-1], final)
+
+
+def save_checkpoint(path: Path, model, optimizer, scheduler, state: dict) -> None:
+    def write(d: Path):
+        save_file(trainable_state(model), str(d / "trainable.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, d / "optimizer.pt")
+        (d / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+
+    _write_or_fail(path, write)
+
+
+def save_trainable(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A best-checkpoint folder: the trainable tensors only, written whole or not at all."""
+    _write_or_fail(path, lambda d: save_file(tensors, str(d / "trainable.safetensors")))
+
+
+def _write_or_fail(path: Path, write) -> None:
+    """A full disk (or any OSError) mid-write: a one-line error; the folder there before stays whole."""
+    try:
+        _atomic_dir(path, write)
+    except OSError as e:
+        raise TrainingError(f"could not write {path} ({e.strerror or e}); the previous one there is intact") from None
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    load_trainable(model, load_file(str(path / "trainable.safetensors")))
+    opt = torch.load(path / "optimizer.pt", weights_only=True)
+    optimizer.load_state_dict(opt["optimizer"])
+    scheduler.load_state_dict(opt["scheduler"])
+    return json.loads((path / "state.json").read_text())
