@@ -3,13 +3,16 @@
 PromptedModel.forward(input_ids [B, T], attention_mask [B, T]) -> logits [B, C] over a task's labels.
 The prompt comes from ``prompt_source(embeds, mask) -> [B, P, H]``: a plain SoftPrompt or a composer
 that mixes prompts per example. The head decides how labels are scored (see composer/heads.py).
+MultiTaskModel holds the backbone once and one PromptedModel view per task (composer/multitask.py).
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from composer.backbones import Backbone
+from composer.errors import TrainingError
 from composer.prompts import prepend
 
 
@@ -106,3 +109,50 @@ class PromptedModel(nn.Module):
             if done.all():
                 break
         return torch.stack(new, dim=1)
+
+
+class MultiTaskModel(nn.Module):
+    """The backbone once, and per task a prompt source and a head.
+
+    forward(input_ids [B, T], attention_mask [B, T], task_ids [B]) -> logits [B, C] with C the largest
+    label count; a row's columns past its own task's label count are -inf (so softmax and cross-entropy
+    ignore them). ``task_ids`` are positions in ``self.tasks``. Each task's rows run through the backbone
+    together, with that task's prompt and head (so prompts of different lengths mix in one batch).
+    """
+
+    def __init__(self, backbone: Backbone, sources: dict[str, nn.Module], heads: dict[str, nn.Module],
+                 num_labels: dict[str, int], shared: nn.Module | None = None):
+        super().__init__()
+        bad = [t for t in sources if "." in t or not t]
+        if bad:
+            raise TrainingError(f"task name {bad[0]!r} cannot name a module (no dots): rename the graph node")
+        self.bb = backbone
+        self.backbone = backbone.model
+        if shared is not None:  # registered before the prompts: its parameters are named shared.*
+            self.shared = shared
+        self.prompts = nn.ModuleDict(sources)
+        self.heads = nn.ModuleDict(heads)
+        self.tasks = list(sources)
+        self.num_labels = dict(num_labels)
+        # one PromptedModel per task over the modules above (a plain dict: not registered twice)
+        self._views = {t: PromptedModel(backbone, self.prompts[t], self.heads[t]) for t in self.tasks}
+
+    def view(self, task: str) -> PromptedModel:
+        """Task ``task`` as a single-task PromptedModel (shares every module with this model)."""
+        return self._views[task]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                task_ids: torch.Tensor) -> torch.Tensor:
+        C = max(self.num_labels.values())
+        rows_all, logits_all = [], []
+        for i in torch.unique(task_ids).tolist():
+            rows = (task_ids == i).nonzero(as_tuple=True)[0]  # [B_i]
+            ids, mask = input_ids[rows], attention_mask[rows]  # [B_i, T]
+            used = int(mask.sum(1).max())
+            if not mask[:, used:].any():  # right-padded: drop the pad columns no row of this task needs
+                ids, mask = ids[:, :used], mask[:, :used]
+            logits = self._views[self.tasks[i]](ids, mask).float()  # [B_i, C_i]
+            logits_all.append(F.pad(logits, (0, C - logits.shape[1]), value=float("-inf")))  # [B_i, C]
+            rows_all.append(rows)
+        order = torch.cat(rows_all)  # [B]: the batch row of each grouped row
+        return torch.cat(logits_all)[torch.argsort(order)]  # [B, C] in batch order

@@ -3,15 +3,16 @@
     train_multitask(MultiTaskConfig(tasks=["sst2", "rte"]))        # a list of tasks
     train_multitask(MultiTaskConfig(graph="demo"))                  # every node of a task graph
 
-One ``MultiTaskModel`` holds the backbone once, a prompt source and a scoring head per task (heads and
+One ``MultiTaskModel`` (composer/model.py) holds the backbone once, a prompt source and a scoring head per task (heads and
 label sets may differ: label-similarity for one task, linear with 5 classes for another). A global
-batch mixes tasks: ``MixturePlan`` draws each position's task with probability proportional to
+batch mixes tasks: ``MixturePlan`` (composer/runstate.py) draws each position's task with probability proportional to
 n_i ** (1 / temperature) (n_i = task i's training examples: T = 1 samples by size, a large T uniformly),
 then takes the next example of that task's own permutation stream. The batch at step s is a pure
 function of (seed, s), so a resumed run needs no sampler state. The model runs each task's rows of the
 batch through the backbone with that task's prompt and head.
 
-The loop is train.py's (accelerate; the same checkpoint, schedule and parameter-group helpers): per-task
+The loop is train.py's (accelerate; the same checkpoints and schedule from runstate.py, the same
+parameter groups): per-task
 evaluation on each task's dev subset every ``eval_every`` steps, a best checkpoint per task
 (run_dir/best/TASK/: the whole trainable state at that task's best step), and at the end each task's best
 prompt goes into the library as ``{save_prefix}{task}`` with provenance {"multitask": [...],
@@ -51,9 +52,9 @@ from composer.encoding import pad_batch
 from composer.errors import TrainingError
 from composer.evaluate import evaluate
 from composer.library import Library, atomic_write_text, check_compatible
-from composer.model import PromptedModel
+from composer.model import MultiTaskModel
 from composer.runstate import (
-    BatchPlan,
+    MixturePlan,
     load_checkpoint,
     load_trainable,
     lr_lambda,
@@ -165,106 +166,6 @@ class MultiTaskConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-# -- sampling -------------------------------------------------------------------------------------
-def mixture_weights(sizes: list[int], temperature: float) -> torch.Tensor:
-    """p_i = n_i ** (1/T) / sum_j n_j ** (1/T): sizes [K] -> probabilities [K] (float64)."""
-    if not temperature > 0:
-        raise TrainingError(f"--temperature must be > 0, got {temperature}")
-    n = torch.tensor([float(s) for s in sizes], dtype=torch.float64)
-    if (n <= 0).any():
-        raise TrainingError(f"every task needs training examples, got sizes {list(sizes)}")
-    return torch.softmax(n.log() / temperature, dim=0)  # in log space: no overflow for small T
-
-
-class MixturePlan:
-    """The global batch at step s is a pure function of (seed, s), like BatchPlan, over several tasks.
-
-    Each position draws a task with ``mixture_weights`` (one seeded draw per step), then the next example of
-    that task's own permutation stream (a BatchPlan of batch 1 per task, seeded apart). The position in a
-    task's stream is the number of earlier draws of that task, recounted from step 0 when a run resumes
-    (one small multinomial per step: a fraction of a second for 100k steps), so there is no sampler state.
-    """
-
-    def __init__(self, sizes: list[int], batch_size: int, seed: int, temperature: float):
-        self.sizes, self.batch_size, self.seed = list(sizes), batch_size, seed
-        self.probs = mixture_weights(sizes, temperature)  # [K]
-        self.streams = [BatchPlan(n, 1, seed * 1009 + 1 + i) for i, n in enumerate(sizes)]
-        self._at = (0, [0] * len(sizes))  # (step, draws of each task before that step)
-
-    def tasks(self, step: int) -> list[int]:
-        """The task of each position of step ``step``'s global batch: [batch_size] task positions."""
-        g = torch.Generator().manual_seed(self.seed * 1_000_033 + step)
-        return torch.multinomial(self.probs, self.batch_size, replacement=True, generator=g).tolist()
-
-    def _counts(self, step: int) -> list[int]:
-        at, counts = self._at
-        if at > step:
-            at, counts = 0, [0] * len(self.sizes)
-        counts = list(counts)
-        for s in range(at, step):
-            for t in self.tasks(s):
-                counts[t] += 1
-        self._at = (step, counts)
-        return list(counts)
-
-    def indices(self, step: int) -> list[tuple[int, int]]:
-        """-> [(task position, example index in that task's train split)] for every position of the batch."""
-        counts = self._counts(step)
-        out = []
-        for t in self.tasks(step):
-            out.append((t, self.streams[t].indices(counts[t])[0]))
-            counts[t] += 1
-        return out
-
-
-# -- the model ------------------------------------------------------------------------------------
-class MultiTaskModel(nn.Module):
-    """The backbone once, and per task a prompt source and a head.
-
-    forward(input_ids [B, T], attention_mask [B, T], task_ids [B]) -> logits [B, C] with C the largest
-    label count; a row's columns past its own task's label count are -inf (so softmax and cross-entropy
-    ignore them). ``task_ids`` are positions in ``self.tasks``. Each task's rows run through the backbone
-    together, with that task's prompt and head (so prompts of different lengths mix in one batch).
-    """
-
-    def __init__(self, backbone: Backbone, sources: dict[str, nn.Module], heads: dict[str, nn.Module],
-                 num_labels: dict[str, int], shared: nn.Module | None = None):
-        super().__init__()
-        bad = [t for t in sources if "." in t or not t]
-        if bad:
-            raise TrainingError(f"task name {bad[0]!r} cannot name a module (no dots): rename the graph node")
-        self.bb = backbone
-        self.backbone = backbone.model
-        if shared is not None:  # registered before the prompts: its parameters are named shared.*
-            self.shared = shared
-        self.prompts = nn.ModuleDict(sources)
-        self.heads = nn.ModuleDict(heads)
-        self.tasks = list(sources)
-        self.num_labels = dict(num_labels)
-        # one PromptedModel per task over the modules above (a plain dict: not registered twice)
-        self._views = {t: PromptedModel(backbone, self.prompts[t], self.heads[t]) for t in self.tasks}
-
-    def view(self, task: str) -> PromptedModel:
-        """Task ``task`` as a single-task PromptedModel (shares every module with this model)."""
-        return self._views[task]
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                task_ids: torch.Tensor) -> torch.Tensor:
-        C = max(self.num_labels.values())
-        rows_all, logits_all = [], []
-        for i in torch.unique(task_ids).tolist():
-            rows = (task_ids == i).nonzero(as_tuple=True)[0]  # [B_i]
-            ids, mask = input_ids[rows], attention_mask[rows]  # [B_i, T]
-            used = int(mask.sum(1).max())
-            if not mask[:, used:].any():  # right-padded: drop the pad columns no row of this task needs
-                ids, mask = ids[:, :used], mask[:, :used]
-            logits = self._views[self.tasks[i]](ids, mask).float()  # [B_i, C_i]
-            logits_all.append(F.pad(logits, (0, C - logits.shape[1]), value=float("-inf")))  # [B_i, C]
-            rows_all.append(rows)
-        order = torch.cat(rows_all)  # [B]: the batch row of each grouped row
-        return torch.cat(logits_all)[torch.argsort(order)]  # [B, C] in batch order
 
 
 def _shared_attention(stack: torch.Tensor, keys: list[str], rank: int, seed: int):

@@ -2,7 +2,8 @@
 
 - The batch at step s is a pure function of (seed, s) (``BatchPlan``): indices come from
   per-epoch permutations seeded by (seed, epoch), so a resumed run sees exactly the batches
-  an uninterrupted run would.
+  an uninterrupted run would; ``MixturePlan`` does the same over several tasks mixed
+  in one batch.
 - A checkpoint (trainable tensors as safetensors, optimizer/scheduler state, step, best
   score) is written into a temporary folder and renamed over the previous one, so a crash
   or a full disk mid-write leaves the previous checkpoint whole.
@@ -135,3 +136,55 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
     return json.loads((path / "state.json").read_text())
+
+
+# -- data order over several tasks ---------------------------------------------------------
+def mixture_weights(sizes: list[int], temperature: float) -> torch.Tensor:
+    """p_i = n_i ** (1/T) / sum_j n_j ** (1/T): sizes [K] -> probabilities [K] (float64)."""
+    if not temperature > 0:
+        raise TrainingError(f"--temperature must be > 0, got {temperature}")
+    n = torch.tensor([float(s) for s in sizes], dtype=torch.float64)
+    if (n <= 0).any():
+        raise TrainingError(f"every task needs training examples, got sizes {list(sizes)}")
+    return torch.softmax(n.log() / temperature, dim=0)  # in log space: no overflow for small T
+
+
+class MixturePlan:
+    """The global batch at step s is a pure function of (seed, s), like BatchPlan, over several tasks.
+
+    Each position draws a task with ``mixture_weights`` (one seeded draw per step), then the next example of
+    that task's own permutation stream (a BatchPlan of batch 1 per task, seeded apart). The position in a
+    task's stream is the number of earlier draws of that task, recounted from step 0 when a run resumes
+    (one small multinomial per step: a fraction of a second for 100k steps), so there is no sampler state.
+    """
+
+    def __init__(self, sizes: list[int], batch_size: int, seed: int, temperature: float):
+        self.sizes, self.batch_size, self.seed = list(sizes), batch_size, seed
+        self.probs = mixture_weights(sizes, temperature)  # [K]
+        self.streams = [BatchPlan(n, 1, seed * 1009 + 1 + i) for i, n in enumerate(sizes)]
+        self._at = (0, [0] * len(sizes))  # (step, draws of each task before that step)
+
+    def tasks(self, step: int) -> list[int]:
+        """The task of each position of step ``step``'s global batch: [batch_size] task positions."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_033 + step)
+        return torch.multinomial(self.probs, self.batch_size, replacement=True, generator=g).tolist()
+
+    def _counts(self, step: int) -> list[int]:
+        at, counts = self._at
+        if at > step:
+            at, counts = 0, [0] * len(self.sizes)
+        counts = list(counts)
+        for s in range(at, step):
+            for t in self.tasks(s):
+                counts[t] += 1
+        self._at = (step, counts)
+        return list(counts)
+
+    def indices(self, step: int) -> list[tuple[int, int]]:
+        """-> [(task position, example index in that task's train split)] for every position of the batch."""
+        counts = self._counts(step)
+        out = []
+        for t in self.tasks(step):
+            out.append((t, self.streams[t].indices(counts[t])[0]))
+            counts[t] += 1
+        return out

@@ -110,8 +110,7 @@ def test_two_processes_reach_the_parameters_of_one(root, env):
     assert set(a) == set(b) == {"prompt_source.weight"}
     torch.testing.assert_close(b["prompt_source.weight"], a["prompt_source.weight"], rtol=1e-4, atol=1e-5)
 
-    from composer.multitask import MixturePlan
-    from composer.runstate import shard
+    from composer.runstate import MixturePlan, shard
 
     plan = MixturePlan([64, 48], 8, seed=0, temperature=1.0)
     assert any(len({t for t, _ in shard(plan.indices(s), r, 2)}) == 1 for s in range(6) for r in (0, 1))

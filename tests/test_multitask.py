@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 import composer.multitask as M
 from composer.errors import TrainingError
 from composer.library import Library
-from composer.multitask import MixturePlan, MultiTaskConfig, mixture_weights, train_multitask
+from composer.multitask import MultiTaskConfig, train_multitask
+from composer.runstate import MixturePlan, mixture_weights
 from tests.conftest import BAD, GOOD, THINGS, write_toy_task
 
 MEH = ["ok", "average", "plain", "middling"]
