@@ -28,6 +28,7 @@ torch.set_num_threads(1)  # two processes on a small CPU: one thread each
 
 def run(conf: dict) -> None:
     import composer.multitask as M
+    import composer.runstate as R
     import composer.train as T
 
     conf = dict(conf)
@@ -36,7 +37,7 @@ def run(conf: dict) -> None:
     multitask = conf.pop("_multitask", False)
     rank = int(os.environ.get("RANK", "0"))
     real_shard = T.shard
-    saved = (T._atomic_dir, T.atomic_write_text, M.atomic_write_text, M.shard, T.shard)
+    saved = (R._atomic_dir, T.atomic_write_text, M.atomic_write_text, M.shard, T.shard)
     seen = {}
 
     def record(what, fn):
@@ -57,7 +58,7 @@ def run(conf: dict) -> None:
     T.shard = watch_shard
     M.shard = watch_shard
     if write_log:
-        T._atomic_dir = record("dir", saved[0])  # every folder write, multitask.py's too, goes through it
+        R._atomic_dir = record("dir", saved[0])  # every folder write, train.py's and multitask.py's, goes through it
         T.atomic_write_text = M.atomic_write_text = record("file", saved[1])
     try:
         if multitask:
@@ -65,7 +66,7 @@ def run(conf: dict) -> None:
         else:
             T.train(T.TrainConfig(**conf), progress=False)
     finally:
-        T._atomic_dir, T.atomic_write_text, M.atomic_write_text, M.shard, T.shard = saved
+        R._atomic_dir, T.atomic_write_text, M.atomic_write_text, M.shard, T.shard = saved
     if write_log:
         name = Path(conf.get("run_dir") or "run").name
         (Path(write_log) / f"seen-{name}-rank{rank}.json").write_text(json.dumps(seen))
