@@ -3,19 +3,18 @@
     train_multitask(MultiTaskConfig(tasks=["sst2", "rte"]))        # a list of tasks
     train_multitask(MultiTaskConfig(graph="demo"))                  # every node of a task graph
 
-One ``MultiTaskModel`` (composer/model.py) holds the backbone once, a prompt source and a scoring head per task (heads and
-label sets may differ: label-similarity for one task, linear with 5 classes for another). A global
-batch mixes tasks: ``MixturePlan`` (composer/runstate.py) draws each position's task with probability proportional to
-n_i ** (1 / temperature) (n_i = task i's training examples: T = 1 samples by size, a large T uniformly),
-then takes the next example of that task's own permutation stream. The batch at step s is a pure
-function of (seed, s), so a resumed run needs no sampler state. The model runs each task's rows of the
-batch through the backbone with that task's prompt and head.
+One ``MultiTaskModel`` (composer/model.py) holds the backbone once, a prompt source and a scoring head per
+task (heads and label sets may differ: label-similarity for one task, linear with 5 classes for another).
+A global batch mixes tasks: ``MixturePlan`` (composer/runstate.py) draws each position's task with
+probability proportional to n_i ** (1 / temperature) (n_i = task i's training examples: T = 1 samples by
+size, a large T uniformly), then takes the next example of that task's own permutation stream. The batch
+at step s is a pure function of (seed, s), so a resumed run needs no sampler state. The model runs each
+task's rows of the batch through the backbone with that task's prompt and head.
 
-The loop is train.py's (accelerate; the same checkpoints and schedule from runstate.py, the same
-parameter groups): per-task
-evaluation on each task's dev subset every ``eval_every`` steps, a best checkpoint per task
-(run_dir/best/TASK/: the whole trainable state at that task's best step), and at the end each task's best
-prompt goes into the library as ``{save_prefix}{task}`` with provenance {"multitask": [...],
+The loop is train.py's (accelerate; the same checkpoints and schedule from runstate.py, the same parameter
+groups): per-task evaluation on each task's dev subset every ``eval_every`` steps, a best checkpoint per
+task (run_dir/best/TASK/: the whole trainable state at that task's best step), and at the end each task's
+best prompt goes into the library as ``{save_prefix}{task}`` with provenance {"multitask": [...],
 "temperature": T}.
 
 ``composer="attention"`` follows ATTEMPT's multi-task setting (Asai et al., 2022): the candidates are

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 class BatchPlan:
     """The global batch at step s is a pure function of (seed, s): resumable with no sampler state."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, weights: torch.Tensor | None = None):
+    def __init__(self, n: int, batch_size: int, seed: int):
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self._perms: dict[int, list[int]] = {}
 
