@@ -39,6 +39,7 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,7 +179,11 @@ class PeftArm:
         from peft import PromptTuningConfig, TaskType, get_peft_model
 
         task_type = TaskType.CAUSAL_LM if bb.family == "decoder" else TaskType.FEATURE_EXTRACTION
-        self.model = get_peft_model(bb.model, PromptTuningConfig(task_type=task_type, num_virtual_tokens=P))
+        with warnings.catch_warnings():
+            # PEFT reads transformers' deprecated is_gradient_checkpointing alias (its FutureWarning is
+            # PEFT's to fix, not something a user of this benchmark can act on)
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            self.model = get_peft_model(bb.model, PromptTuningConfig(task_type=task_type, num_virtual_tokens=P))
         with torch.no_grad():
             self.prompt().copy_(init)
         self.params = [p for p in self.model.parameters() if p.requires_grad]

@@ -219,7 +219,7 @@ class Bench:
         return rec
 
     def store(self, path: Path, key: dict, rec: dict) -> dict:
-        from composer.library import atomic_write_text
+        from composer.atomic import atomic_write_text
 
         rec = dict(rec, key=key, commit=self.commit)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -655,7 +655,7 @@ def main(argv: list[str] | None = None) -> None:
         return os.path.relpath(Path(fig_paths[t]).resolve(), md_dir)
 
     text = markdown(res, fig_rel)
-    from composer.library import atomic_write_text
+    from composer.atomic import atomic_write_text
 
     out_json = Path(args.out_json or bench.runs / "results.json")
     out_json.parent.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,6 @@ import json
 import math
 import numbers
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -46,6 +45,7 @@ import networkx as nx
 import yaml
 
 import composer
+from composer.atomic import atomic_write_text
 from composer.errors import GraphError
 
 __all__ = [
@@ -304,25 +304,6 @@ def _from_node_link(data: Any, where: str) -> nx.MultiDiGraph:
 # --- writing -------------------------------------------------------------------------
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def save_graph(G: nx.MultiDiGraph, path: str | os.PathLike) -> Path:
     """Write G as node-link JSON (edges under "edges"), atomically; or as YAML for .yaml/.yml."""
     path = Path(path)
@@ -332,7 +313,7 @@ def save_graph(G: nx.MultiDiGraph, path: str | os.PathLike) -> Path:
         # a weight that is NaN/inf is written as NaN/Infinity (Python's JSON reads them back),
         # so an invalid graph keeps its faults for validate() to report
         text = json.dumps(nx.node_link_data(G, edges="edges"), indent=2) + "\n"
-    _atomic_write_text(path, text)
+    atomic_write_text(path, text)
     return path
 
 

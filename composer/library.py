@@ -31,6 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from composer import __version__
+from composer.atomic import swap_dir
 from composer.errors import LibraryError
 
 log = logging.getLogger(__name__)
@@ -81,35 +82,6 @@ def _read_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise LibraryError(f"prompt '{name}': {path.name} is truncated or corrupted ({str(e).splitlines()[0]}); "
                            f"retrain it or remove it with `prompt-composer library rm {name}`") from None
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file whole or not at all: temp file in the same folder, fsync, rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def swap_dir(tmp: Path, final: Path) -> None:
-    """Put a finished temp folder in place of ``final``: the old one is renamed aside, then dropped.
-
-    A crash between the two renames leaves the old folder as ``.FINAL.*.old`` (runstate.recover_dir puts it back).
-    """
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.old")
-        os.rename(final, old)
-    os.rename(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 class Library:

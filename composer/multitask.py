@@ -50,7 +50,8 @@ from composer.build import build_model, encode_split, init_prompt, resolve_head
 from composer.encoding import pad_batch
 from composer.errors import TrainingError
 from composer.evaluate import evaluate
-from composer.library import Library, atomic_write_text, check_compatible
+from composer.atomic import atomic_write_text
+from composer.library import Library, check_compatible
 from composer.model import MultiTaskModel
 from composer.runstate import (
     MixturePlan,

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import networkx as nx
 import numpy as np
+
+from composer.atomic import atomic_path
 
 __all__ = ["ROLE_COLOURS", "draw_graph", "learning_curves", "similarity_heatmap", "weights_per_class"]
 
@@ -31,18 +32,8 @@ def _save(fig: Any, path: str | os.PathLike, dpi: int) -> Path:
 
     FigureCanvasAgg(fig)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight", facecolor="white")
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; give the file the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from composer.errors import TrainingError
-from composer.library import swap_dir
+from composer.atomic import swap_dir
 
 log = logging.getLogger(__name__)
 

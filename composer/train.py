@@ -27,7 +27,8 @@ from composer.backbones import Backbone, load_backbone
 from composer.build import Encoded, build_model, encode_split, freeze_backbone, init_prompt, resolve_head
 from composer.errors import ComposerError, TrainingError
 from composer.evaluate import evaluate
-from composer.library import Library, atomic_write_text
+from composer.atomic import atomic_write_text
+from composer.library import Library
 from composer.runstate import (
     BatchPlan,
     load_checkpoint,
