@@ -168,7 +168,7 @@ def figure_target(target: str, t: dict, s: dict, path: Path) -> Path:
     ax3.axhline(1, color="grey", ls=":", lw=1)
     ax3.set_xticks(x, arms, rotation=45, ha="right", fontsize=8)
     if all(np.isnan(g) for g in gaps):
-        ax3.text(0.5, 0.5, "no gap to close: full model tuning is within\na seed's spread of random-init prompt tuning",
+        ax3.text(0.5, 0.5, "no gap to close: full model tuning does not\nbeat random-init prompt tuning by more\nthan a seed's spread",
                  transform=ax3.transAxes, ha="center", va="center", fontsize=9, color="dimgrey")
     ax3.set(title="gap closed on test: (arm − random) / (full − random)")
     for ax in (ax1, ax2, ax3):
