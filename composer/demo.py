@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from composer import graph as G_
+from composer.atomic import atomic_write_text
 from composer.backbones import load_backbone
 from composer.compose import STRATEGIES, ComposeConfig, compose
-from composer.atomic import atomic_write_text
 from composer.library import Library
 from composer.train import TrainConfig, prepare, train
 from composer.transfer import link_graph

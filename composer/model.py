@@ -7,6 +7,8 @@ MultiTaskModel holds the backbone once and one PromptedModel view per task (comp
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,6 +16,29 @@ from torch import nn
 from composer.backbones import Backbone
 from composer.errors import TrainingError
 from composer.prompts import prepend
+
+
+
+def set_activation_checkpointing(backbone: nn.Module, on: bool) -> None:
+    """Turn activation (gradient) checkpointing on or off, non-reentrant, on any transformers 4.46+.
+
+    Non-reentrant so that gradients also reach keyword inputs (the prompt, T5's encoder states).
+    transformers 5.x renamed gradient_checkpointing_* to activation_checkpointing_* (the old names warn).
+    """
+    if hasattr(backbone, "activation_checkpointing_enable"):
+        if on:
+            backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            backbone.activation_checkpointing_disable()
+    elif on:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        backbone.gradient_checkpointing_disable()
+
+
+def _cache_name(backbone: nn.Module) -> str:
+    """The keyword (and output field) of the key/value cache: "cache" from transformers 5.24, else "past_key_values"."""
+    return "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
 
 
 class PromptedModel(nn.Module):
@@ -89,15 +114,16 @@ class PromptedModel(nn.Module):
         eos = tok.eos_token_id
         done = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
         new, past = [], None
+        cache = _cache_name(self.backbone)
         step_embeds = embeds
         for _ in range(max_new_tokens):
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             if use_cache and past is not None:
                 out = self.backbone(inputs_embeds=step_embeds, attention_mask=mask, position_ids=pos[:, -1:],
-                                    past_key_values=past, use_cache=True)
+                                    use_cache=True, **{cache: past})
             else:
                 out = self.backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=use_cache)
-            past = out.past_key_values if use_cache else None
+            past = out.get(cache) if use_cache else None
             nxt = out.logits[:, -1].float().argmax(-1)  # [B]
             if eos is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos), nxt)

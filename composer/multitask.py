@@ -44,13 +44,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 from composer import graph as G_
+from composer.atomic import atomic_write_text
 from composer.attention import AttentionComposer
 from composer.backbones import Backbone, load_backbone
 from composer.build import build_model, encode_split, init_prompt, resolve_head
 from composer.encoding import pad_batch
 from composer.errors import TrainingError
 from composer.evaluate import evaluate
-from composer.atomic import atomic_write_text
 from composer.library import Library, check_compatible
 from composer.model import MultiTaskModel
 from composer.runstate import (

@@ -36,9 +36,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from composer.atomic import atomic_write_text, swap_dir
 from composer.backbones import ALIASES
 from composer.errors import BackboneError, LibraryError
-from composer.atomic import atomic_write_text, swap_dir
 from composer.library import META_FILE, Entry, Library
 
 log = logging.getLogger(__name__)

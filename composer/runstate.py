@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from composer.errors import TrainingError
 from composer.atomic import swap_dir
+from composer.errors import TrainingError
 
 log = logging.getLogger(__name__)
 

@@ -23,12 +23,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from composer.atomic import atomic_write_text
 from composer.backbones import Backbone, load_backbone
 from composer.build import Encoded, build_model, encode_split, freeze_backbone, init_prompt, resolve_head
 from composer.errors import ComposerError, TrainingError
 from composer.evaluate import evaluate
-from composer.atomic import atomic_write_text
 from composer.library import Library
+from composer.model import set_activation_checkpointing
 from composer.runstate import (
     BatchPlan,
     load_checkpoint,
@@ -250,8 +251,8 @@ def train(cfg: TrainConfig, prepared: Prepared | None = None, resume: str | Path
     prep = prepared or prepare(cfg, library=library)
     model = prep.model
     groups = _param_groups(cfg, model)
-    if cfg.gradient_checkpointing:  # non-reentrant: gradients also reach keyword inputs (T5's encoder states)
-        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.gradient_checkpointing:
+        set_activation_checkpointing(model.backbone, True)
     trainable = [p for g in groups for p in g["params"]]  # clip what trains; model.parameters() walks the backbone
     optimizer = torch.optim.AdamW(groups)
     warmup = int(cfg.warmup * cfg.steps)

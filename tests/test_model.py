@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from composer.build import build_model, freeze_backbone, init_prompt
+from composer.model import set_activation_checkpointing
 from composer.prompts import prepend
 
 SENTS = ["the film was great fun", "awful", "a dull and lifeless book that nobody should read"]
@@ -161,10 +162,18 @@ def test_generation_same_with_and_without_cache(fam, tokenizer):
     bb = wrap(tiny_model(fam), tokenizer, "tiny", fam)
     pm = make(bb, P=5)
     ids, mask = batch(tokenizer)
+    lengths = []  # the decoder loop's calls: the length of the embeddings each one feeds the backbone
+    hook = pm.backbone.register_forward_pre_hook(
+        lambda m, args, kw: lengths.append(kw["inputs_embeds"].shape[1]) if "inputs_embeds" in kw else None,
+        with_kwargs=True)
     on = pm.generate(ids, mask, max_new_tokens=8, use_cache=True)
+    n_on, lengths_on = len(lengths), list(lengths)
     off = pm.generate(ids, mask, max_new_tokens=8, use_cache=False)
+    hook.remove()
     assert on.shape[0] == 3 and on.shape[1] >= 1
     assert torch.equal(on, off)
+    if fam == "decoder":  # the cache is really used: after the first call, one new token per call
+        assert n_on > 1 and lengths_on[1:] == [1] * (n_on - 1) and lengths[n_on + 1] > 1
     # the prompt is really in the context: a very different prompt changes what is generated
     other = pm.generate(ids, mask, max_new_tokens=8, prompt=torch.randn(5, 32) * 10)
     assert not torch.equal(other, on)
@@ -221,12 +230,13 @@ def test_gradient_checkpointing_gives_the_same_prompt_gradient(tiny_backbone, to
     grads = []
     for on in (False, True):
         pm = make(tiny_backbone)
-        if on:
-            pm.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_activation_checkpointing(pm.backbone, on)
+        assert any(getattr(m, "gradient_checkpointing", False) for m in pm.backbone.modules()) == on
         pm.backbone.train()  # checkpointing acts in training mode only
         torch.manual_seed(0)  # the same dropout masks in both passes (checkpointing replays the RNG state)
         F.cross_entropy(pm(ids, mask), y).backward()
         grads.append(pm.prompt_source.weight.grad.clone())
-        pm.backbone.gradient_checkpointing_disable()
+        set_activation_checkpointing(pm.backbone, False)
+        assert not any(getattr(m, "gradient_checkpointing", False) for m in pm.backbone.modules())
     assert grads[1].abs().sum() > 0
     torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
