@@ -647,7 +647,7 @@ def main(argv: list[str] | None = None) -> None:
         fig_paths[None] = similarity_heatmap(gain, list(cfg.sources), list(targets),
                                              figs / f"transfer-{cfg.tier}-gain.png",
                                              title=f"test gain over random init ({bench.pair_steps} steps)",
-                                             cbar_label="test score gain")
+                                             cbar_label="test score gain", centre=0.0)
         res["gain_figure"] = str(fig_paths[None])
     md_dir = Path(args.out_md).resolve().parent if args.out_md else (ROOT / "bench")
 

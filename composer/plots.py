@@ -299,11 +299,13 @@ def similarity_heatmap(
     title: str = "prompt similarity",
     cbar_label: str | None = None,
     dpi: int = 150,
+    centre: float | None = None,
 ) -> Path:
     """Draw matrix [N, M] (a torch tensor or array) as an annotated heatmap PNG.
 
     Names on both axes, a colour bar, the values written in the cells when N <= 25 and
-    M <= 25. The figure grows with N and M. Returns the path.
+    M <= 25. The figure grows with N and M. With ``centre`` (e.g. 0 for gains) the colours
+    diverge from it (blue below, red above, limits symmetric about it); else viridis. Returns the path.
     """
     from matplotlib.figure import Figure
 
@@ -323,11 +325,14 @@ def similarity_heatmap(
     masked = np.ma.masked_invalid(data)
     finite = data[np.isfinite(data)]
     vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    if centre is not None:
+        reach = max(abs(vmin - centre), abs(vmax - centre)) or 0.5
+        vmin, vmax = centre - reach, centre + reach
     if vmin == vmax:
         vmin, vmax = vmin - 0.5, vmax + 0.5
     import matplotlib
 
-    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#DDDDDD")
+    cmap = matplotlib.colormaps["viridis" if centre is None else "RdBu_r"].with_extremes(bad="#DDDDDD")
     im = ax.imshow(masked, cmap=cmap, vmin=vmin, vmax=vmax, aspect="equal", interpolation="nearest")
     font = 9 if max(N, M) <= 30 else 7 if max(N, M) <= 60 else 5
     ax.set_xticks(
@@ -345,7 +350,9 @@ def similarity_heatmap(
                 v = data[i, j]
                 if not math.isfinite(v):
                     continue
-                bright = (v - vmin) / (vmax - vmin) > 0.6  # viridis turns light above ~0.6
+                frac = (v - vmin) / (vmax - vmin)
+                # viridis turns light above ~0.6; RdBu is light in its middle, dark at both ends
+                bright = frac > 0.6 if centre is None else abs(frac - 0.5) < 0.3
                 ax.text(
                     j,
                     i,

@@ -417,6 +417,23 @@ def test_similarity_heatmap_writes_a_png_for_25_names(tmp_path):
         cg_plots().similarity_heatmap(torch.rand(25, 25), names[:3], names, tmp_path / "x.png")
 
 
+def test_similarity_heatmap_centre_diverges_blue_below_red_above(tmp_path):
+    import numpy as np
+    from matplotlib.image import imread
+
+    def reds_and_blues(path):
+        rgb = imread(path)[..., :3]
+        r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+        return int((r - np.maximum(g, b) > 0.3).sum()), int((b - r > 0.3).sum())
+
+    gains = np.array([[-0.12, 0.0, 0.04]])  # limits become +-0.12, so 0.04 is a pale red
+    names = ["mnli"], ["a", "b", "c"]
+    red, blue = reds_and_blues(cg_plots().similarity_heatmap(gains, *names, tmp_path / "g.png", centre=0.0))
+    assert red > 50 and blue > 50  # the colour bar's ends and the -0.12 cell
+    red, blue = reds_and_blues(cg_plots().similarity_heatmap(gains, *names, tmp_path / "v.png"))
+    assert red == 0  # viridis has no red
+
+
 def cg_plots():
     from composer import plots
 
