@@ -37,8 +37,8 @@ from transfer_report import fmt, mean_sd  # noqa: E402
 ARMS = ("random", "linear", "random-scaled", "linear-scaled")
 
 
-def scaled_inits(bench: Bench, target: str, seed: int) -> dict[str, str]:
-    """Save the two rescaled inits of one seed in the library -> {arm: init spec}."""
+def scaled_inits(bench: Bench, target: str, seed: int) -> tuple[dict[str, str], dict[str, float]]:
+    """Save the two rescaled inits of one seed in the library -> ({arm: init spec}, {arm: init norm})."""
     from composer.build import init_prompt
 
     lib, name = bench.lib, f"bench-{target}-{bench.slug}-linear-s{seed}"
@@ -48,7 +48,7 @@ def scaled_inits(bench: Bench, target: str, seed: int) -> dict[str, str]:
     sources = entry.meta["provenance"]["prompts"]
     size = sum(row_norm(lib.load(s).prompt) for s in sources) / len(sources)
     random, _ = init_prompt("random", bench.cfg.prompt_length, bench.bb, seed=seed)
-    out = {}
+    out, norms = {}, {"random": row_norm(random), "linear": row_norm(entry.prompt)}
     for arm, prompt in (("linear-scaled", entry.prompt), ("random-scaled", random)):
         scaled = prompt.float() * (size / row_norm(prompt))
         meta = {k: entry.meta.get(k) for k in ("task", "backbone", "family", "head")}
@@ -56,7 +56,8 @@ def scaled_inits(bench: Bench, target: str, seed: int) -> dict[str, str]:
                               "to_norm": size, "sources": sources}
         lib.save(f"bench-{target}-{bench.slug}-{arm}-s{seed}", scaled, meta)
         out[arm] = f"library:bench-{target}-{bench.slug}-{arm}-s{seed}"
-    return out
+        norms[arm] = row_norm(scaled)
+    return out, norms
 
 
 def full_tier_record(target: str, arm: str, seed: int) -> dict:
@@ -79,10 +80,14 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
     bench = Bench(cfg)
     runs: dict[str, list[dict]] = {a: [] for a in ARMS}
+    norms: dict[str, list[float]] = {a: [] for a in ARMS}
     for seed in seeds:
         for arm in ("random", "linear"):
             runs[arm].append(full_tier_record(args.target, arm, seed))
-        for arm, init in scaled_inits(bench, args.target, seed).items():
+        inits, seed_norms = scaled_inits(bench, args.target, seed)
+        for arm in ARMS:
+            norms[arm].append(seed_norms[arm])
+        for arm, init in inits.items():
             r = bench.tune(args.target, init, seed, cfg.steps, f"{arm}-s{seed}")
             say(f"[{args.target}] seed {seed} {arm:<13} dev {r['initial']:.3f} -> {r['dev']:.3f}  test {r['test']:.3f}")
             runs[arm].append(r)
@@ -91,18 +96,8 @@ def main(argv: list[str] | None = None) -> None:
              f"random and linear rows are the full tier's records.", "",
              "| arm | init norm (per token) | dev at step 0 | dev (kept ckpt) | test |", "|---|---:|---:|---:|---:|"]
     for arm in ARMS:
-        norms = []
-        for seed in seeds:
-            name = {"random": None, "linear": f"bench-{args.target}-{bench.slug}-linear-s{seed}"}.get(
-                arm, f"bench-{args.target}-{bench.slug}-{arm}-s{seed}")
-            if name is None:
-                from composer.build import init_prompt
-
-                norms.append(row_norm(init_prompt("random", cfg.prompt_length, bench.bb, seed=seed)[0]))
-            else:
-                norms.append(row_norm(bench.lib.load(name).prompt))
-        cells = [fmt(*mean_sd(norms), digits=2)] + [fmt(*mean_sd([r[k] for r in runs[arm]]))
-                                                    for k in ("initial", "dev", "test")]
+        cells = [fmt(*mean_sd(norms[arm]), digits=2)] + [fmt(*mean_sd([r[k] for r in runs[arm]]))
+                                                         for k in ("initial", "dev", "test")]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     text = "\n".join(lines)
     print(text)

@@ -21,12 +21,12 @@ from composer.graph_io import (  # noqa: F401  (re-exported: composer.graph is t
     PART_OF,
     ROLES,
     SIMILAR,
-    similar_key,
     decomposition_of,
     from_dict,
     load_graph,
     resolve_graph,
     save_graph,
+    similar_key,
     to_dict,
 )
 

@@ -18,7 +18,6 @@ from composer.errors import TrainingError
 from composer.prompts import prepend
 
 
-
 def set_activation_checkpointing(backbone: nn.Module, on: bool) -> None:
     """Turn activation (gradient) checkpointing on or off, non-reentrant, on any transformers 4.46+.
 
