@@ -28,14 +28,16 @@ zero-shot transfer: Spearman over all pairs.
 Tiers (2 CPU cores, minilm):
     python bench/transfer.py --smoke              # a few minutes: proves the pipeline end to end
     python bench/transfer.py --quick              # under 20 minutes: 4 sources, 2 targets, 1 seed
-    python bench/transfer.py --full               # ~13 hours: 8 sources, 6 few-shot targets + CR, 3 seeds
+    python bench/transfer.py --full               # about 17 hours: 8 sources, 6 few-shot targets + CR, 3 seeds
 Every tier takes overrides, e.g. --targets rte-fs --arms random,best,full --seeds 0,1.
 
 Nothing finished is lost: each tuning run and each composition writes a record (record.json, with
 what it depends on: settings, init prompt's content hash) into its run folder, and a later invocation
 with the same settings reads it back instead of running again (--rerun: run everything). A killed
 run starts its own arm over; the full tier can be run piecewise (--targets cola-fs,cr-fs then the
-rest) and a last invocation over every target writes the whole report from the records.
+rest) and a last invocation over every target writes the whole report from the records. Run folders
+live under runs/ (not in git): bench/records.py saves the records and the prompts they start from to
+bench/records/TIER/ (in git) and restores them on another machine, so a tier can span sessions.
 Output: a results JSON (--out-json), a markdown section (stdout and --out-md), PNG figures under
 bench/figures/ (--figures; the smoke tier keeps its figures in its run folder), all made by
 bench/transfer_report.py from the results alone. Progress goes to stderr.

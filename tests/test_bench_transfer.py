@@ -2,6 +2,7 @@
 import dataclasses
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -121,10 +122,27 @@ def test_whole_pipeline_writes_its_report_and_reads_it_back(bench_mod, toy_task,
     assert (out / "fig" / "transfer-smoke-gain.png").stat().st_size > 0
     assert res["reused_runs"] == 0
 
-    bench_mod.main(argv)  # again: everything is read back, the report is the same but for wall time and load
+    # the records go to git (bench/records.py save) and come back on a fresh machine (restore): run again
+    # from them alone, and every run and composition is read back, none is trained again
+    spec = importlib.util.spec_from_file_location("bench_records", ROOT / "bench" / "records.py")
+    records = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(records)
+    rec_dir = tmp_path / "records"
+    where = ["--tier", "smoke", "--model", str(tiny_bert_dir), "--sources", "toy-a,toy-b", "--source-steps", "4",
+             "--runs", str(out / "runs"), "--library", str(tmp_path / "lib"), "--records", str(rec_dir)]
+    records.main(["save", "--targets", "toy", *where])
+    saved = sorted(p.relative_to(rec_dir).as_posix() for p in rec_dir.rglob("*") if p.is_file())
+    assert not any(p.endswith((".jsonl", ".pt")) or "/checkpoint/" in p for p in saved)  # measurements only
+    n_records = sum(p.endswith("record.json") or "/compose/" in p for p in saved)
+    assert n_records > 10
+    shutil.rmtree(out / "runs")
+    shutil.rmtree(tmp_path / "lib")
+    records.main(["restore", *where])
+    bench_mod.main(argv)
     again = json.loads((out / "runs" / "results.json").read_text())
-    assert again["reused_runs"] > 0 and again["summary"] == res["summary"]
+    assert again["reused_runs"] == n_records and again["summary"] == res["summary"]
     assert again["targets"]["toy"]["runs"] == t["runs"]
+    assert sorted(s["reused"] for s in again["sources"].values()) == [True, True]
 
 
 def _rec(seed, test, dev=0.5):
