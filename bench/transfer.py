@@ -35,7 +35,8 @@ Nothing finished is lost: each tuning run and each composition writes a record (
 what it depends on: settings, init prompt's content hash) into its run folder, and a later invocation
 with the same settings reads it back instead of running again (--rerun: run everything). A killed
 run starts its own arm over; the full tier can be run piecewise (--targets cola-fs,cr-fs then the
-rest) and a last invocation over every target writes the whole report from the records. Run folders
+rest, or --time-budget MINUTES: start no new run after that, exit 3, the same command goes on) and a
+last invocation over every target writes the whole report from the records. Run folders
 live under runs/ (not in git): bench/records.py saves the records and the prompts they start from to
 bench/records/TIER/ (in git) and restores them on another machine, so a tier can span sessions.
 Output: a results JSON (--out-json), a markdown section (stdout and --out-md), PNG figures under
@@ -137,6 +138,8 @@ class BenchConfig:
     retrain_sources: bool = False
     rerun: bool = False
     """Run every arm again even when its run folder holds a finished record made with the same settings."""
+    time_budget: float | None = None
+    """Minutes after which no new run starts (a started one finishes); None = no limit."""
     extra: dict = field(default_factory=dict)
 
 
@@ -151,7 +154,8 @@ RUN_KEY_ELSEWHERE = {
     "library": "hash",
     # which runs, where they go, how they are reported: not what one run computes
     "tier": "none", "targets": "none", "arms": "none", "runs": "none", "figures": "none", "threads": "none",
-    "rerun": "none", "extra": "none", "data_dir": "none",  # where the data lives, not what it is
+    "rerun": "none", "time_budget": "none", "extra": "none",
+    "data_dir": "none",  # where the data lives, not what it is
 }
 
 
@@ -171,6 +175,10 @@ def git_commit() -> str:
         return head + (" (with uncommitted changes)" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+class OutOfTime(Exception):
+    """--time-budget is spent: no new run starts; the finished ones are kept for the next invocation."""
 
 
 def default_data_dir() -> str:
@@ -193,6 +201,12 @@ class Bench:
         self.pair_steps = cfg.pair_steps or cfg.steps
         self.commit = git_commit()
         self.reused = 0  # finished runs taken from their run folders
+        self.deadline = None if cfg.time_budget is None else time.time() + 60 * cfg.time_budget
+
+    def may_start(self, what: str) -> None:
+        """Called before a run that is not in the records trains: past --time-budget, stop here."""
+        if self.deadline is not None and time.time() > self.deadline:
+            raise OutOfTime(f"--time-budget {self.cfg.time_budget:g} min spent before {what}")
 
     # -- finished runs are kept: a killed or split-up benchmark goes on where it stopped ----------
     def entry_sha(self, init: str) -> str | None:
@@ -244,6 +258,7 @@ class Bench:
                 dev = ((meta.get("metrics") or {}).get("dev") or {}).get("score")
                 out[task] = {"prompt": name, "reused": True, "dev": dev}
                 continue
+            self.may_start(f"source {task}")
             say(f"[sources] train {name} ({cfg.source_steps} steps)")
             run_dir = self.runs / "sources" / task
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -277,6 +292,7 @@ class Bench:
         if rec is not None:
             self.cache[key] = rec
             return rec
+        self.may_start(f"{task} {run_name}")
         shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl appends: start clean
         tc = TrainConfig(task=task, model=cfg.model, prompt_length=P, init=init, mode=mode, unfreeze="all",
                          steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, model_lr=cfg.model_lr,
@@ -315,6 +331,7 @@ class Bench:
         rec = self.stored(run_dir / "record.json", rkey)
         if rec is not None:
             return rec
+        self.may_start(f"{task} {run_name}")
         tc = TrainConfig(task=task, model=cfg.model, prompt_length=cfg.prompt_length, steps=steps,
                          batch_size=cfg.batch_size, lr=cfg.lr, seed=seed, data_dir=cfg.data_dir)
         prep = prepare(tc, backbone=self.bb, library=self.lib)  # random's init, data and head
@@ -589,6 +606,9 @@ def parse(argv: list[str] | None) -> tuple[BenchConfig, argparse.Namespace]:
     ap.add_argument("--retrain-sources", action="store_true", help="train source prompts even when in the library")
     ap.add_argument("--rerun", action="store_true",
                     help="run every arm again, even when its run folder holds a finished record with these settings")
+    ap.add_argument("--time-budget", type=float, metavar="MINUTES",
+                    help="start no new run after this many minutes (a started run finishes); exit 3, and the same "
+                         "command goes on from the finished runs")
     ap.add_argument("--out-json", help="results JSON (default RUNS/results.json)")
     ap.add_argument("--out-md", help="also write the markdown section to this file")
     args = ap.parse_args(argv)
@@ -618,8 +638,12 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
     load_start = round(os.getloadavg()[0], 2)
     bench = Bench(cfg)
-    sources = bench.train_sources()
-    targets = {t: bench.run_target(t, sources) for t in cfg.targets}
+    try:
+        sources = bench.train_sources()
+        targets = {t: bench.run_target(t, sources) for t in cfg.targets}
+    except OutOfTime as e:
+        say(f"stopped: {e}; {time.time() - t0:.0f} s. The finished runs are kept: run the same command to go on.")
+        raise SystemExit(3) from None
     import peft
     import transformers
 

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,33 @@ def test_finished_run_is_read_back(bench_mod, toy_task, tiny_bert_dir, tmp_path)
     d = make(bench_mod, tiny_bert_dir, tmp_path, lr=0.05, rerun=True)
     d.tune("toy", "random", 0, 4, "random-s0")
     assert d.reused == 0
+
+
+def test_time_budget_starts_no_new_run_but_reads_finished_ones_back(bench_mod, toy_task, tiny_bert_dir, tmp_path):
+    make(bench_mod, tiny_bert_dir, tmp_path).tune("toy", "random", 0, 4, "random-s0")
+    spent = make(bench_mod, tiny_bert_dir, tmp_path, time_budget=0)
+    time.sleep(0.01)
+    assert spent.tune("toy", "random", 0, 4, "random-s0")["seed"] == 0 and spent.reused == 1  # finished: read back
+    with pytest.raises(bench_mod.OutOfTime, match="toy vocab-s0"):
+        spent.tune("toy", "vocab", 0, 4, "vocab-s0")
+    with pytest.raises(bench_mod.OutOfTime):
+        spent.peft("toy", 0, 4, "peft-s0")
+    assert not (tmp_path / "runs" / "toy" / "vocab-s0").exists() and not (tmp_path / "runs" / "toy" / "peft-s0").exists()
+    ample = make(bench_mod, tiny_bert_dir, tmp_path, time_budget=60)
+    assert ample.tune("toy", "vocab", 0, 4, "vocab-s0")["init"] == "vocab"
+
+
+def test_spent_time_budget_exits_3_and_says_how_to_go_on(bench_mod, toy_task, tiny_bert_dir, tmp_path, capsys):
+    from tests.conftest import write_toy_task
+
+    write_toy_task(tmp_path, "toy-a")
+    argv = ["--smoke", "--model", str(tiny_bert_dir), "--sources", "toy-a", "--targets", "toy", "--time-budget", "0",
+            "--library", str(tmp_path / "lib"), "--runs", str(tmp_path / "runs"), "--data-dir", str(tmp_path / "data")]
+    with pytest.raises(SystemExit) as e:
+        bench_mod.main(argv)
+    assert e.value.code == 3
+    assert "run the same command to go on" in capsys.readouterr().err
+    assert not (tmp_path / "lib").exists() or not any((tmp_path / "lib").iterdir())  # no source was trained
 
 
 def test_changed_init_prompt_runs_again(bench_mod, toy_task, tiny_bert_dir, tmp_path):
