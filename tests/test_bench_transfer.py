@@ -22,6 +22,15 @@ def bench_mod():
     return mod
 
 
+@pytest.fixture(scope="module")
+def records():
+    """bench/records.py, which keeps a tier's finished runs in git."""
+    spec = importlib.util.spec_from_file_location("bench_records", ROOT / "bench" / "records.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 @pytest.fixture(autouse=True)
 def _in_task_dir(toy_task, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the toy task by name: ./tasks/toy.yaml
@@ -83,6 +92,16 @@ def test_spent_time_budget_exits_3_and_says_how_to_go_on(bench_mod, toy_task, ti
     assert not (tmp_path / "lib").exists() or not any((tmp_path / "lib").iterdir())  # no source was trained
 
 
+def test_records_say_what_is_missing_in_one_line(records, tmp_path):
+    where = ["--runs", str(tmp_path / "runs"), "--library", str(tmp_path / "lib"), "--records", str(tmp_path / "rec")]
+    with pytest.raises(SystemExit, match="nothing was saved for this tier"):
+        records.main(["restore", *where])
+    with pytest.raises(SystemExit, match="run the target first"):
+        records.main(["save", "--targets", "rte-fs", *where])
+    with pytest.raises(SystemExit, match="no target has a run folder"):
+        records.main(["save", *where])
+
+
 def test_changed_init_prompt_runs_again(bench_mod, toy_task, tiny_bert_dir, tmp_path):
     a = make(bench_mod, tiny_bert_dir, tmp_path)
     H = a.bb.model.config.hidden_size
@@ -118,7 +137,8 @@ def test_every_setting_is_in_the_run_key_or_accounted_for(bench_mod, tiny_bert_d
     assert elsewhere <= fields, f"RUN_KEY_ELSEWHERE names fields BenchConfig no longer has: {elsewhere - fields}"
 
 
-def test_whole_pipeline_writes_its_report_and_reads_it_back(bench_mod, toy_task, tiny_bert_dir, tmp_path, capsys):
+def test_whole_pipeline_writes_its_report_and_reads_it_back(bench_mod, records, toy_task, tiny_bert_dir, tmp_path,
+                                                            capsys):
     """main() end to end on a tiny BERT: sources, every arm, transferability, figures, markdown; then again from
     the records alone."""
     from tests.conftest import write_toy_task
@@ -152,9 +172,6 @@ def test_whole_pipeline_writes_its_report_and_reads_it_back(bench_mod, toy_task,
 
     # the records go to git (bench/records.py save) and come back on a fresh machine (restore): run again
     # from them alone, and every run and composition is read back, none is trained again
-    spec = importlib.util.spec_from_file_location("bench_records", ROOT / "bench" / "records.py")
-    records = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(records)
     rec_dir = tmp_path / "records"
     where = ["--tier", "smoke", "--model", str(tiny_bert_dir), "--sources", "toy-a,toy-b", "--source-steps", "4",
              "--runs", str(out / "runs"), "--library", str(tmp_path / "lib"), "--records", str(rec_dir)]
