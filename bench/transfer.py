@@ -28,7 +28,7 @@ zero-shot transfer: Spearman over all pairs.
 Tiers (2 CPU cores, minilm):
     python bench/transfer.py --smoke              # a few minutes: proves the pipeline end to end
     python bench/transfer.py --quick              # under 20 minutes: 4 sources, 2 targets, 1 seed
-    python bench/transfer.py --full               # about 17 hours: 8 sources, 6 few-shot targets + CR, 3 seeds
+    python bench/transfer.py --full               # about 15 hours: 8 sources, 6 few-shot targets + CR, 3 seeds
 Every tier takes overrides, e.g. --targets rte-fs --arms random,best,full --seeds 0,1.
 
 Nothing finished is lost: each tuning run and each composition writes a record (record.json, with
