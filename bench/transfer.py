@@ -485,6 +485,7 @@ class Bench:
                 cpath = self.runs / target / "compose" / f"{arm}-s{seed}.json"
                 info = self.stored(cpath, ckey) if self.lib.exists(name) else None
                 if info is None:
+                    self.may_start(f"{target} {arm} composition, seed {seed}")
                     try:
                         cr = compose(ComposeConfig(graph=str(graph_path), target=target, strategy=strategy,
                                                    top_k=cfg.top_k, metric="transfer", shots=shots, method=method,
