@@ -31,7 +31,15 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from prompt_scale import row_norm  # noqa: E402
-from transfer import TIERS, Bench, BenchConfig, default_data_dir, git_commit, say  # noqa: E402
+from transfer import (  # noqa: E402
+    TIERS,
+    Bench,
+    BenchConfig,
+    default_data_dir,
+    git_commit,
+    say,
+    target_prompt_prefix,
+)
 from transfer_report import fmt, mean_sd  # noqa: E402
 
 ARMS = ("random", "linear", "random-scaled", "linear-scaled")
@@ -41,7 +49,8 @@ def scaled_inits(bench: Bench, target: str, seed: int) -> tuple[dict[str, str], 
     """Save the two rescaled inits of one seed in the library -> ({arm: init spec}, {arm: init norm})."""
     from composer.build import init_prompt
 
-    lib, name = bench.lib, f"bench-{target}-{bench.slug}-linear-s{seed}"
+    lib, prefix = bench.lib, target_prompt_prefix(target, bench.slug)
+    name = f"{prefix}linear-s{seed}"
     if not lib.exists(name):
         raise SystemExit(f"{name} is not in {lib.root}: run bench/transfer.py --full --targets {target} first")
     entry = lib.load(name)
@@ -54,8 +63,8 @@ def scaled_inits(bench: Bench, target: str, seed: int) -> tuple[dict[str, str], 
         meta = {k: entry.meta.get(k) for k in ("task", "backbone", "family", "head")}
         meta["provenance"] = {"rescaled_from": name if arm == "linear-scaled" else f"random seed {seed}",
                               "to_norm": size, "sources": sources}
-        lib.save(f"bench-{target}-{bench.slug}-{arm}-s{seed}", scaled, meta)
-        out[arm] = f"library:bench-{target}-{bench.slug}-{arm}-s{seed}"
+        lib.save(f"{prefix}{arm}-s{seed}", scaled, meta)
+        out[arm] = f"library:{prefix}{arm}-s{seed}"
         norms[arm] = row_norm(scaled)
     return out, norms
 

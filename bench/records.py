@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from composer.atomic import swap_dir  # noqa: E402
+from composer.atomic import atomic_path, swap_dir  # noqa: E402
 
 RUN_FILES = ("record.json",)
 
@@ -45,19 +45,19 @@ def _target_files(target_dir: Path) -> list[Path]:
 
 
 def _library_names(library: Path, sources: list[str], targets: list[str], slug: str, source_steps: int) -> list[str]:
-    names = [f"{s}-{slug}-{source_steps}" for s in sources]
+    from transfer import source_prompt_name, target_prompt_prefix
+
+    names = [source_prompt_name(s, slug, source_steps) for s in sources]
     for t in targets:
-        names += sorted(p.name for p in library.glob(f"bench-{t}-{slug}-*") if p.is_dir())
+        names += sorted(p.name for p in library.glob(f"{target_prompt_prefix(t, slug)}*") if p.is_dir())
     return [n for n in names if (library / n).is_dir()]
 
 
 def _copy_file(src: Path, dst: Path, overwrite: bool) -> bool:
     if dst.exists() and not overwrite:
         return False
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.copyfile(src, tmp)
-    tmp.replace(dst)
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
     return True
 
 
@@ -97,13 +97,13 @@ def restore(records: Path, runs: Path, library: Path) -> dict:
     for tdir in sorted(p for p in records.iterdir() if p.is_dir() and p.name != "library"):
         for rel in _target_files(tdir):
             n_files += _copy_file(tdir / rel, runs / tdir.name / rel, overwrite=False)
-    for entry in sorted((records / "library").glob("*")) if (records / "library").is_dir() else []:
+    for entry in sorted((records / "library").glob("*")):  # none when no prompt was saved
         n_lib += _copy_entry(entry, library / entry.name, overwrite=False)
     return {"files": n_files, "library": n_lib}
 
 
 def main(argv: list[str] | None = None) -> None:
-    from transfer import TIERS, BenchConfig
+    from transfer import TIERS, BenchConfig, default_runs
 
     from composer.demo import model_slug
 
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--records", help="where the records go (default bench/records/TIER)")
     args = ap.parse_args(argv)
     tier = TIERS[args.tier]
-    runs = Path(args.runs or f"runs/bench-transfer/{args.tier}")
+    runs = Path(args.runs or default_runs(args.tier))
     records = Path(args.records or ROOT / "bench" / "records" / args.tier)
     library = Path(args.library)
     if args.action == "restore":

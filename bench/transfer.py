@@ -181,6 +181,21 @@ class OutOfTime(Exception):
     """--time-budget is spent: no new run starts; the finished ones are kept for the next invocation."""
 
 
+def default_runs(tier: str) -> str:
+    """Where a tier's run folders go unless --runs says otherwise."""
+    return f"runs/bench-transfer/{tier}"
+
+
+def source_prompt_name(task: str, slug: str, source_steps: int) -> str:
+    """A source prompt's library name."""
+    return f"{task}-{slug}-{source_steps}"
+
+
+def target_prompt_prefix(target: str, slug: str) -> str:
+    """What the library names of the prompts made for one target (its own, the composed ones) start with."""
+    return f"bench-{target}-{slug}-"
+
+
 def default_data_dir() -> str:
     return os.environ.get("PROMPT_COMPOSER_DATA") or str(ROOT.parent / "shared" / "data")
 
@@ -195,7 +210,7 @@ class Bench:
         self.cfg = cfg
         self.slug = model_slug(cfg.model)
         self.lib = Library(cfg.library)
-        self.runs = Path(cfg.runs or f"runs/bench-transfer/{cfg.tier}")
+        self.runs = Path(cfg.runs or default_runs(cfg.tier))
         self.bb = load_backbone(cfg.model)
         self.cache: dict[tuple, dict] = {}
         self.pair_steps = cfg.pair_steps or cfg.steps
@@ -244,7 +259,7 @@ class Bench:
 
     # -- 1. sources -----------------------------------------------------------------------------
     def source_name(self, task: str) -> str:
-        return f"{task}-{self.slug}-{self.cfg.source_steps}"
+        return source_prompt_name(task, self.slug, self.cfg.source_steps)
 
     def train_sources(self) -> dict:
         from composer.train import TrainConfig, _subset, prepare, train
@@ -459,7 +474,7 @@ class Bench:
         runs: dict[str, list[dict]] = {}
         composed_info: dict[str, list[dict]] = {}
         skipped: dict[str, str] = {}
-        target_prompt = f"bench-{target}-{self.slug}-random-{cfg.steps}"
+        target_prompt = f"{target_prompt_prefix(target, self.slug)}random-{cfg.steps}"
         for seed in cfg.seeds:
             def add(arm: str, rec: dict):
                 runs.setdefault(arm, []).append(rec)
@@ -478,7 +493,7 @@ class Bench:
                     skipped[arm] = "the graph does not decompose this target"
                     continue
                 strategy, method = ("linear", "powell") if arm == "linear-gf" else (arm, "lbfgs")
-                name = f"bench-{target}-{self.slug}-{arm}-s{seed}"
+                name = f"{target_prompt_prefix(target, self.slug)}{arm}-s{seed}"
                 t0 = time.time()
                 ckey = self.run_key(arm=arm, graph=graph_sha, top_k=cfg.top_k, shots=shots, seed=seed,
                                     sources=source_shas)
