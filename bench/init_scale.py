@@ -35,10 +35,10 @@ from transfer import (  # noqa: E402
     TIERS,
     Bench,
     BenchConfig,
+    arm_prompt_name,
     default_data_dir,
     git_commit,
     say,
-    target_prompt_prefix,
 )
 from transfer_report import fmt, mean_sd  # noqa: E402
 
@@ -49,8 +49,7 @@ def scaled_inits(bench: Bench, target: str, seed: int) -> tuple[dict[str, str], 
     """Save the two rescaled inits of one seed in the library -> ({arm: init spec}, {arm: init norm})."""
     from composer.build import init_prompt
 
-    lib, prefix = bench.lib, target_prompt_prefix(target, bench.slug)
-    name = f"{prefix}linear-s{seed}"
+    lib, name = bench.lib, arm_prompt_name(target, bench.slug, "linear", seed)
     if not lib.exists(name):
         raise SystemExit(f"{name} is not in {lib.root}: run bench/transfer.py --full --targets {target} first")
     entry = lib.load(name)
@@ -63,8 +62,9 @@ def scaled_inits(bench: Bench, target: str, seed: int) -> tuple[dict[str, str], 
         meta = {k: entry.meta.get(k) for k in ("task", "backbone", "family", "head")}
         meta["provenance"] = {"rescaled_from": name if arm == "linear-scaled" else f"random seed {seed}",
                               "to_norm": size, "sources": sources}
-        lib.save(f"{prefix}{arm}-s{seed}", scaled, meta)
-        out[arm] = f"library:{prefix}{arm}-s{seed}"
+        scaled_name = arm_prompt_name(target, bench.slug, arm, seed)
+        lib.save(scaled_name, scaled, meta)
+        out[arm] = f"library:{scaled_name}"
         norms[arm] = row_norm(scaled)
     return out, norms
 

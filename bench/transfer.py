@@ -196,6 +196,11 @@ def target_prompt_prefix(target: str, slug: str) -> str:
     return f"bench-{target}-{slug}-"
 
 
+def arm_prompt_name(target: str, slug: str, arm: str, seed: int) -> str:
+    """The library name of the prompt an arm makes for a target and seed (a composed init, say)."""
+    return f"{target_prompt_prefix(target, slug)}{arm}-s{seed}"
+
+
 def default_data_dir() -> str:
     return os.environ.get("PROMPT_COMPOSER_DATA") or str(ROOT.parent / "shared" / "data")
 
@@ -493,7 +498,7 @@ class Bench:
                     skipped[arm] = "the graph does not decompose this target"
                     continue
                 strategy, method = ("linear", "powell") if arm == "linear-gf" else (arm, "lbfgs")
-                name = f"{target_prompt_prefix(target, self.slug)}{arm}-s{seed}"
+                name = arm_prompt_name(target, self.slug, arm, seed)
                 t0 = time.time()
                 ckey = self.run_key(arm=arm, graph=graph_sha, top_k=cfg.top_k, shots=shots, seed=seed,
                                     sources=source_shas)

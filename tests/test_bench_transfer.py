@@ -13,22 +13,24 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def bench_mod():
-    spec = importlib.util.spec_from_file_location("bench_transfer", ROOT / "bench" / "transfer.py")
+def _bench_module(name: str, filename: str):
+    """Load a script of bench/ as a module, registered under ``name``."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / filename)
     mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_transfer"] = mod
+    sys.modules[name] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope="module")
+def bench_mod():
+    return _bench_module("bench_transfer", "transfer.py")
 
 
 @pytest.fixture(scope="module")
 def records():
     """bench/records.py, which keeps a tier's finished runs in git."""
-    spec = importlib.util.spec_from_file_location("bench_records", ROOT / "bench" / "records.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return _bench_module("bench_records", "records.py")
 
 
 @pytest.fixture(autouse=True)
