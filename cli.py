@@ -5,6 +5,7 @@ Exit codes: 0 done, 1 failed (one line: what, the value, the fix), 2 bad invocat
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -163,8 +164,10 @@ def task_check(name, data_dir, as_json):
 @click.option("--patience", default=0, show_default=True, type=int, help="Early stop after N evals without gain.")
 @click.option("--k-shot", type=int, help="Train on k examples per class.")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--temperature", default=0.05, show_default=True, type=float,
-              help="Label-similarity temperature; with --multitask, the sampling temperature T (default 1).")
+@click.option("--label-temperature", default=0.05, show_default=True, type=float,
+              help="Temperature of the label-similarity head (cosine / T).")
+@click.option("--temperature", type=float,
+              help="--multitask: task-sampling temperature T, task i drawn in proportion to n_i ** (1/T) (default 1).")
 @click.option("--mixed-precision", type=click.Choice(["no", "bf16", "fp16"]), default="no", show_default=True)
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in backward (less memory).")
 @click.option("--data-dir", type=click.Path(file_okay=False), envvar="PROMPT_COMPOSER_DATA")
@@ -181,8 +184,9 @@ def task_check(name, data_dir, as_json):
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def train(ctx, task_name, model, head, prompt_length, init, mode, unfreeze, steps, batch_size, lr, model_lr, schedule,
-          warmup, eval_every, max_eval, patience, k_shot, seed, temperature, mixed_precision, gradient_checkpointing,
-          data_dir, save, run_dir, resume, multitask, graph_path, task_list, composer_kind, save_prefix, quiet, as_json):
+          warmup, eval_every, max_eval, patience, k_shot, seed, label_temperature, temperature, mixed_precision,
+          gradient_checkpointing, data_dir, save, run_dir, resume, multitask, graph_path, task_list, composer_kind,
+          save_prefix, quiet, as_json):
     """Tune a soft prompt (and, with --mode joint, the backbone) on TASK.
 
     \b
@@ -195,18 +199,42 @@ def train(ctx, task_name, model, head, prompt_length, init, mode, unfreeze, step
     """
     from composer.train import TrainConfig, train as run_train
 
-    if multitask or graph_path or task_list:
-        import dataclasses
+    def given(name: str) -> bool:
+        return ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
 
+    def flag(name: str) -> str:
+        return {"task_list": "--tasks", "graph_path": "--graph", "composer_kind": "--composer",
+                "task_name": "TASK"}.get(name, "--" + name.replace("_", "-"))
+
+    resumed = None
+    if resume and not (task_name or graph_path or task_list):
+        cfg_file = Path(resume) / "config.json"
+        if not cfg_file.exists():
+            raise click.ClickException(f"--resume {resume}: no config.json there; is it a run folder?")
+        resumed = json.loads(cfg_file.read_text())
+        extra = [flag(k) for k in ctx.params if k not in ("resume", "multitask", "quiet", "as_json")
+                 and ctx.get_parameter_source(k) is click.core.ParameterSource.COMMANDLINE]
+        if extra:
+            raise click.UsageError(f"--resume {resume} goes on with the run's own settings (its config.json); "
+                                   f"drop {', '.join(extra)}")
+        multitask = multitask or "tasks" in resumed
+    if multitask or graph_path or task_list:
         from composer.multitask import MultiTaskConfig, train_multitask
 
-        if not (graph_path or task_list):
+        if resumed is None and not (graph_path or task_list):
             raise click.UsageError("--multitask needs --graph GRAPH or --tasks a,b,...")
-        # options left at the command's defaults give way to MultiTaskConfig's (more steps, larger mixed batches)
         fields = {f.name for f in dataclasses.fields(MultiTaskConfig)}
-        given = {k: v for k, v in ctx.params.items()
-                 if k in fields and ctx.get_parameter_source(k) is not click.core.ParameterSource.DEFAULT}
-        mcfg = MultiTaskConfig(tasks=task_list, graph=graph_path, composer=composer_kind, **given)
+        own = {"multitask", "graph_path", "task_list", "composer_kind", "resume", "quiet", "as_json"}
+        stray = [flag(k) for k in ctx.params if given(k) and k not in fields | own]
+        if stray:
+            hint = " (each task's prompt is saved with --save-prefix PREFIX)" if "--save" in stray else ""
+            raise click.UsageError(f"{', '.join(stray)} does not apply to a multitask run{hint}")
+        if resumed is not None:
+            mcfg = MultiTaskConfig.from_dict(resumed, where=f"--resume {resume}")
+        else:
+            # options left at the command's defaults give way to MultiTaskConfig's (more steps, larger batches)
+            mcfg = MultiTaskConfig(tasks=task_list, graph=graph_path, composer=composer_kind,
+                                   **{k: ctx.params[k] for k in fields & set(ctx.params) if given(k)})
         result = train_multitask(mcfg, library=_library(ctx), progress=not quiet, resume=resume)
         if as_json:
             _emit(result, True)
@@ -215,20 +243,17 @@ def train(ctx, task_name, model, head, prompt_length, init, mode, unfreeze, step
                  r.get("saved") or ""] for t, r in result["per_task"].items()]
         click.echo(_table(rows, ["task", "dev before", "dev after", "saved"]))
         return
-    if resume and not task_name:
-        cfg_file = Path(resume) / "config.json"
-        if not cfg_file.exists():
-            raise click.ClickException(f"--resume {resume}: no config.json there; is it a run folder?")
-        cfg = TrainConfig(**json.loads(cfg_file.read_text()))
+    stray = [flag(k) for k in ("temperature", "composer_kind", "save_prefix") if given(k)]
+    if stray:
+        hint = "; the label-similarity head's temperature is --label-temperature" if "--temperature" in stray else ""
+        raise click.UsageError(f"{', '.join(stray)} applies to --multitask runs only{hint}")
+    if resumed is not None:
+        cfg = TrainConfig.from_dict(resumed, where=f"--resume {resume}")
     else:
         if not task_name:
             raise click.UsageError("give a TASK (or --resume RUN_DIR)")
-        cfg = TrainConfig(task=task_name, model=model, head=head, prompt_length=prompt_length, init=init, mode=mode,
-                          unfreeze=unfreeze, steps=steps, batch_size=batch_size, lr=lr, model_lr=model_lr,
-                          schedule=schedule, warmup=warmup, eval_every=eval_every, max_eval=max_eval,
-                          patience=patience, k_shot=k_shot, seed=seed, temperature=temperature,
-                          mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
-                          data_dir=data_dir, save=save, run_dir=run_dir)
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}  # the command's defaults are TrainConfig's
+        cfg = TrainConfig(task=task_name, **{k: ctx.params[k] for k in fields & set(ctx.params)})
     result = run_train(cfg, resume=resume, library=_library(ctx), progress=not quiet)
     if as_json:
         _emit(result, True)

@@ -303,7 +303,7 @@ def bench_model(name: str, args, repeats: int, warmup: int) -> dict:
     else:
         raise SystemExit(f"{name}: default head {head.kind} is not benchmarked")
     init = a.prompt().detach().clone()
-    loss = Loss(bb.family == "decoder", label_ids, label_emb, a.cfg.temperature, a.cfg.max_grad_norm)
+    loss = Loss(bb.family == "decoder", label_ids, label_emb, a.cfg.label_temperature, a.cfg.max_grad_norm)
     arms = {"a": a, "b": PeftArm(bb, P, init, args.lr, loss),
             "c": BareArm(bb, init, args.lr, loss, after_first=a.core.after_first)}
     checks = check_arms(bb, arms, ids, mask, labels, P)

@@ -358,7 +358,7 @@ class Bench:
         freeze_backbone(prep.model)
         head = prep.model.head
         loss = types.SimpleNamespace(decoder=head.kind == "verbalizer", label_ids=None, label_emb=None,
-                                     temperature=tc.temperature, max_grad_norm=tc.max_grad_norm)
+                                     temperature=tc.label_temperature, max_grad_norm=tc.max_grad_norm)
         if head.kind == "label-similarity":
             with torch.no_grad():
                 loss.label_emb = head.label_embeddings(prep.model).detach().clone()  # [C, H]

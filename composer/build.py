@@ -135,9 +135,25 @@ def freeze_backbone(pm: PromptedModel) -> None:
         p.requires_grad_(False)
 
 
-def from_library(entry, backbone: Backbone, spec, head: str | None = None, temperature: float = 0.05) -> PromptedModel:
+def trained_label_temperature(meta: dict, default: float = 0.05) -> float:
+    """The label-similarity temperature a library prompt was trained with (its run's config), else ``default``.
+
+    Single-task runs before label_temperature was its name wrote it as ``temperature``; in a multi-task run's
+    config ``temperature`` is the task-sampling temperature, so it never counts there."""
+    conf = meta.get("config") or {}
+    t = conf.get("label_temperature")
+    if t is None and "task" in conf:
+        t = conf.get("temperature")
+    return float(t) if t is not None else default
+
+
+def from_library(entry, backbone: Backbone, spec, head: str | None = None,
+                 temperature: float | None = None) -> PromptedModel:
     """A PromptedModel for ``spec`` with a library prompt (its head weights when it was trained on that task,
-    its backbone delta when it was tuned jointly)."""
+    its backbone delta when it was tuned jointly). ``temperature`` (label-similarity head) defaults to the one
+    the prompt was trained with."""
+    if temperature is None:
+        temperature = trained_label_temperature(entry.meta)
     check_compatible(entry.meta, entry.name, backbone.name, backbone.family, backbone.hidden_size)
     same_task = entry.meta.get("task") == spec.name
     kind = head or (entry.meta.get("head") if same_task else None)

@@ -52,7 +52,7 @@ from composer.encoding import pad_batch
 from composer.errors import TrainingError
 from composer.evaluate import evaluate
 from composer.library import Library, check_compatible
-from composer.model import MultiTaskModel
+from composer.model import MultiTaskModel, set_activation_checkpointing
 from composer.runstate import (
     MixturePlan,
     load_checkpoint,
@@ -64,16 +64,19 @@ from composer.runstate import (
     shard,
     trainable_state,
 )
-from composer.train import Prepared, TrainConfig, _param_groups, _subset, save_to_library
+from composer.train import Prepared, TrainConfig, TuningConfig, _param_groups, _subset, save_to_library
 
 log = logging.getLogger(__name__)
 
 COMPOSERS = ("none", "attention")
 
 
-@dataclass
-class MultiTaskConfig:
-    """Everything that defines a multi-task run; saved as config.json in the run folder."""
+@dataclass(kw_only=True)
+class MultiTaskConfig(TuningConfig):
+    """Everything that defines a multi-task run; saved as config.json in the run folder.
+
+    The settings it shares with a single-task run are TuningConfig's (composer/train.py); these are its own,
+    and the shared ones whose defaults differ (more steps, larger mixed batches, rarer and smaller evals)."""
 
     tasks: list[str] | None = None
     """Task spec names or YAML paths (a comma-separated string is split). Give this or ``graph``."""
@@ -83,15 +86,9 @@ class MultiTaskConfig:
     """Backbone alias, path or hub id; None = the graph's backbone, else minilm."""
     head: str | None = None
     """One head for every task; None = each task's own (its spec's head, else the family default)."""
-    prompt_length: int = 20
-    """P of each task's prompt (library inits and attention sources bring their own)."""
     init: str = "random"
     """random | vocab | text | library (each task from its graph node's prompt, else the entry named like the
     task) | library:NAME (every task from one entry). Per-task random inits use seed + task position."""
-    mode: str = "prompt"
-    """prompt: prompts, heads (and the shared attention module) train; joint: the backbone too."""
-    unfreeze: str = "all"
-    """joint mode: all | last:N | bias | none."""
     composer: str = "none"
     """none: one soft prompt per task; attention: ATTEMPT's shared attention over frozen source prompts."""
     sources: list[str] | None = None
@@ -101,33 +98,13 @@ class MultiTaskConfig:
     steps: int = 1000
     batch_size: int = 32
     """Global batch size, mixed over tasks (split over processes under accelerate launch)."""
-    lr: float = 0.3
-    """Learning rate of the prompts, heads and attention module."""
-    model_lr: float = 2e-5
-    """Learning rate of the backbone in joint mode."""
-    weight_decay: float = 0.0
-    warmup: float = 0.06
-    schedule: str = "linear"
-    max_grad_norm: float = 1.0
     temperature: float = 1.0
     """Sampling temperature T: task i is drawn with probability proportional to n_i ** (1 / T)."""
-    label_temperature: float = 0.05
-    """Temperature of the label-similarity head."""
     eval_every: int = 100
-    eval_batch_size: int = 64
     max_eval: int | None = 500
     """Evaluate each task on at most this many dev examples during training (a fixed, seeded subset)."""
-    patience: int = 0
-    """Stop after this many evaluations in which no task improved (0 = never)."""
-    checkpoint_every: int | None = None
-    """Steps between checkpoints (default: eval_every)."""
-    seed: int = 0
-    k_shot: int | None = None
-    data_dir: str | None = None
-    mixed_precision: str = "no"
     save_prefix: str | None = None
     """Save each task's best prompt to the library as f"{save_prefix}{task}" (None = do not save)."""
-    run_dir: str | None = None
 
     def __post_init__(self):
         if isinstance(self.tasks, str):
@@ -149,23 +126,12 @@ class MultiTaskConfig:
                                 "sources); drop --init")
         if self.attention_rank < 1:
             raise TrainingError(f"--attention-rank must be >= 1, got {self.attention_rank}")
-        if self.patience < 0:
-            raise TrainingError(f"--patience must be >= 0, got {self.patience}")
-        self.task_config("multitask")  # the checks every single-task run makes (steps, lr, mode, unfreeze...)
+        super().__post_init__()  # the checks every run makes (steps, lr, mode, unfreeze, ...)
 
     def task_config(self, task: str) -> TrainConfig:
         """The single-task view of this config (what train.py's helpers read)."""
-        return TrainConfig(task=task, model=self.model or "minilm", head=self.head,
-                           prompt_length=self.prompt_length, mode=self.mode, unfreeze=self.unfreeze,
-                           steps=self.steps, batch_size=self.batch_size, lr=self.lr, model_lr=self.model_lr,
-                           weight_decay=self.weight_decay, warmup=self.warmup, schedule=self.schedule,
-                           max_grad_norm=self.max_grad_norm, eval_every=self.eval_every,
-                           eval_batch_size=self.eval_batch_size, max_eval=self.max_eval, seed=self.seed,
-                           k_shot=self.k_shot, data_dir=self.data_dir, temperature=self.label_temperature,
-                           mixed_precision=self.mixed_precision, run_dir=self.run_dir)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(TuningConfig)}
+        return TrainConfig(**dict(shared, model=self.model or "minilm"), task=task)
 
 
 def _shared_attention(stack: torch.Tensor, keys: list[str], rank: int, seed: int):
@@ -334,6 +300,8 @@ def train_multitask(cfg: MultiTaskConfig, library: Library | None = None, progre
     model, keys = mp.model, list(mp.model.tasks)
     tcfg = cfg.task_config("multitask")
     optimizer = torch.optim.AdamW(_param_groups(tcfg, model))
+    if cfg.gradient_checkpointing:
+        set_activation_checkpointing(model.backbone, True)
     warmup = int(cfg.warmup * cfg.steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule, warmup, cfg.steps))
     state = {"step": 0, "best": {}, "best_step": {}, "bad_evals": 0, "tasks": keys, "model": cfg.model,

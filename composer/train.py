@@ -46,15 +46,14 @@ log = logging.getLogger(__name__)
 
 MODES = ("prompt", "joint")
 SCHEDULES = ("linear", "cosine", "constant")
+PRECISIONS = ("no", "bf16", "fp16")
 
 
-@dataclass
-class TrainConfig:
-    """Everything that defines a run; saved as config.json in the run folder."""
+@dataclass(kw_only=True)
+class TuningConfig:
+    """The settings single-task (TrainConfig) and multi-task (MultiTaskConfig) runs share; each sets its defaults."""
 
-    task: str
-    """Task spec name or path to a YAML file."""
-    model: str = "minilm"
+    model: str | None = "minilm"
     """Backbone alias, local path or hub id."""
     head: str | None = None
     """verbalizer | label-similarity | linear; None = the family default."""
@@ -90,14 +89,12 @@ class TrainConfig:
     k_shot: int | None = None
     """Sample k training examples per class (seeded)."""
     data_dir: str | None = None
-    temperature: float = 0.05
-    """Label-similarity temperature."""
+    label_temperature: float = 0.05
+    """Temperature of the label-similarity head (cosine / T)."""
     mixed_precision: str = "no"
     """no | bf16 | fp16 (GPU)."""
     gradient_checkpointing: bool = False
     """Recompute backbone activations in backward (less memory); the prompt keeps its gradient."""
-    save: str | None = None
-    """Library name for the result."""
     run_dir: str | None = None
 
     def __post_init__(self):
@@ -105,7 +102,7 @@ class TrainConfig:
             raise TrainingError(f"--steps must be positive, got {self.steps}")
         if self.batch_size <= 0:
             raise TrainingError(f"--batch-size must be positive, got {self.batch_size}")
-        if self.lr <= 0:
+        if not self.lr > 0:
             raise TrainingError(f"the prompt learning rate must be > 0, got {self.lr}")
         if self.mode not in MODES:
             raise TrainingError(f"unknown --mode {self.mode!r}: use one of {', '.join(MODES)}")
@@ -120,10 +117,40 @@ class TrainConfig:
             raise TrainingError(f"--warmup is a fraction of the steps in [0, 1), got {self.warmup}")
         if self.eval_every <= 0:
             raise TrainingError(f"--eval-every must be positive, got {self.eval_every}")
+        if self.patience < 0:
+            raise TrainingError(f"--patience must be >= 0, got {self.patience}")
+        if not self.label_temperature > 0:  # also NaN
+            raise TrainingError(f"--label-temperature must be > 0, got {self.label_temperature}")
+        if self.mixed_precision not in PRECISIONS:
+            raise TrainingError(f"unknown --mixed-precision {self.mixed_precision!r}: use one of "
+                                f"{', '.join(PRECISIONS)}")
         parse_unfreeze(self.unfreeze)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "config"):
+        """A config from its to_dict() (a run folder's config.json), reading the names older versions wrote."""
+        d = dict(d)
+        if "label_temperature" not in d and "temperature" in d and "task" in d:
+            d["label_temperature"] = d.pop("temperature")  # older single-task runs called it temperature
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise TrainingError(f"{where}: unknown setting(s) {', '.join(unknown)} for a {cls.__name__}; "
+                                "was it written by another kind of run or a newer prompt-composer?")
+        return cls(**d)
+
+
+@dataclass(kw_only=True)
+class TrainConfig(TuningConfig):
+    """Everything that defines a single-task run; saved as config.json in the run folder."""
+
+    task: str
+    """Task spec name or path to a YAML file."""
+    save: str | None = None
+    """Library name for the result."""
 
 
 # -- which backbone weights train ---------------------------------------------------------------
@@ -212,7 +239,7 @@ def prepare(cfg: TrainConfig, backbone: Backbone | None = None, library: Library
         prompt, prov = prompt_source, {"init": "module"}
     else:
         prompt, prov = init_prompt(cfg.init, cfg.prompt_length, backbone, spec, cfg.seed, library)
-    model = build_model(backbone, spec, prompt, head=cfg.head, temperature=cfg.temperature, seed=cfg.seed)
+    model = build_model(backbone, spec, prompt, head=cfg.head, temperature=cfg.label_temperature, seed=cfg.seed)
     return Prepared(backbone, spec, train, dev, test, model, prov)
 
 

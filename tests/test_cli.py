@@ -108,3 +108,52 @@ def test_multitask_from_cli(toy_task, tiny_bert_dir, tmp_path):
     bad = run("train", "--multitask", "--tasks", f"{toy_task},{other}", "--model", tiny_bert_dir, "--temperature", 0,
               ok=False)
     assert "temperature" in one_line_error(bad)
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["train", "sst2", "--temperature", "2"], "--temperature applies to --multitask runs only; the label-similarity"),
+    (["train", "sst2", "--save-prefix", "x-"], "--save-prefix applies to --multitask runs only"),
+    (["train", "--multitask", "--tasks", "a,b", "--save", "x"], "--save does not apply to a multitask run (each"),
+    (["train", "sst2", "--multitask", "--tasks", "a,b"], "TASK does not apply to a multitask run"),
+])
+def test_options_that_do_not_apply_are_refused(args, msg):
+    """An option the run would not read is a usage error, not silently dropped."""
+    r = run(*args, ok=False)
+    assert r.exit_code == 2 and msg in r.output
+
+
+def test_resume_alone_goes_on_with_the_runs_own_settings(tmp_path, monkeypatch):
+    """`train --resume DIR` reads DIR/config.json: a multitask run resumes as one; extra options are refused."""
+    import composer.multitask as M
+    import composer.train as T
+
+    seen = {}
+    monkeypatch.setattr(M, "train_multitask", lambda cfg, **kw: seen.update(multi=cfg, **kw) or {"per_task": {}})
+    monkeypatch.setattr(T, "train", lambda cfg, **kw: seen.update(single=cfg, **kw) or {})
+    mt = tmp_path / "mt"
+    mt.mkdir()
+    mcfg = M.MultiTaskConfig(tasks="a,b", steps=7, temperature=2.0, run_dir=str(mt))
+    (mt / "config.json").write_text(json.dumps(mcfg.to_dict()))
+    run("train", "--resume", mt, "--json")
+    assert seen["multi"] == mcfg and seen["resume"] == str(mt)
+    one = tmp_path / "one"
+    one.mkdir()
+    old = {k: v for k, v in T.TrainConfig(task="sst2", steps=5).to_dict().items() if k != "label_temperature"}
+    (one / "config.json").write_text(json.dumps(old | {"temperature": 0.1}))  # as older versions wrote it
+    run("train", "--resume", one, "--json")
+    assert seen["single"].label_temperature == 0.1 and seen["single"].steps == 5
+    r = run("train", "--resume", one, "--steps", "9", ok=False)
+    assert r.exit_code == 2 and "drop --steps" in r.output
+
+
+def test_train_options_reach_the_config(monkeypatch):
+    import composer.train as T
+
+    seen = {}
+    monkeypatch.setattr(T, "train", lambda cfg, **kw: seen.update(cfg=cfg) or {})
+    run("train", "sst2", "--label-temperature", "0.2", "--gradient-checkpointing", "--patience", "3", "--k-shot",
+        "16", "--save", "s", "--json")
+    c = seen["cfg"]
+    assert (c.task, c.label_temperature, c.gradient_checkpointing, c.patience, c.k_shot, c.save) == \
+        ("sst2", 0.2, True, 3, 16, "s")
+    assert c.steps == T.TrainConfig(task="x").steps  # not given: the config's default

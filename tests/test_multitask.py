@@ -294,3 +294,40 @@ def test_attention_module_is_shared_across_tasks(tasks, tiny_bert_dir, tmp_path)
     assert prov["strategy"] == "attention" and prov["multitask"] == ["toy", "toy3"]
     src = load_source(e)  # the composer, shared module included, loads back as a prompt source
     torch.testing.assert_close(src.composer.down.weight, mp.model.shared["down"].weight.detach())
+
+
+def test_gradient_checkpointing_run_matches(tasks, tiny_bert_dir, tmp_path):
+    """--gradient-checkpointing reaches multitask runs too, and changes memory, not the numbers."""
+    train_multitask(mcfg(tasks, tiny_bert_dir, tmp_path, steps=3, run_dir=str(tmp_path / "a")), progress=False)
+    cfg = mcfg(tasks, tiny_bert_dir, tmp_path, steps=3, run_dir=str(tmp_path / "b"), gradient_checkpointing=True)
+    seen = []
+    real = M.set_activation_checkpointing
+
+    def spy(backbone, on):
+        seen.append(on)
+        real(backbone, on)
+
+    M.set_activation_checkpointing = spy
+    try:
+        train_multitask(cfg, progress=False)
+    finally:
+        M.set_activation_checkpointing = real
+    assert seen == [True]
+    a, b = checkpoint(tmp_path / "a"), checkpoint(tmp_path / "b")
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4)
+
+
+def test_config_shares_the_single_task_settings():
+    """MultiTaskConfig is a TuningConfig: the shared settings, its own defaults, and the same checks."""
+    from composer.train import TrainConfig, TuningConfig
+
+    c = MultiTaskConfig(tasks="a,b", label_temperature=0.2, patience=2, gradient_checkpointing=True)
+    assert isinstance(c, TuningConfig) and (c.steps, c.batch_size, c.temperature) == (1000, 32, 1.0)
+    t = c.task_config("a")
+    assert isinstance(t, TrainConfig) and (t.label_temperature, t.patience, t.gradient_checkpointing) == (0.2, 2, True)
+    assert t.model == "minilm" and t.steps == 1000
+    assert MultiTaskConfig.from_dict(c.to_dict()) == c
+    with pytest.raises(TrainingError, match="--label-temperature must be > 0"):
+        MultiTaskConfig(tasks="a,b", label_temperature=-1.0)

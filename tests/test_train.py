@@ -197,3 +197,38 @@ def test_gradient_checkpointing_run_matches(toy_task, tiny_bert_dir, tmp_path):
                   gradient_checkpointing=True), progress=False)
     torch.testing.assert_close(final_prompt(tmp_path / "a"), final_prompt(tmp_path / "b"), atol=1e-5, rtol=1e-4)
     assert a["steps"] == b["steps"] == 4
+
+
+def test_config_reads_back_what_older_runs_wrote(tmp_path):
+    """config.json of a single-task run from before label_temperature had its name still resumes."""
+    d = TrainConfig(task="x", label_temperature=0.2).to_dict()
+    assert TrainConfig.from_dict(d) == TrainConfig(task="x", label_temperature=0.2)
+    old = {k: v for k, v in d.items() if k != "label_temperature"} | {"temperature": 0.1}
+    assert TrainConfig.from_dict(old).label_temperature == 0.1
+    with pytest.raises(TrainingError, match="unknown setting.*frobnicate"):
+        TrainConfig.from_dict(d | {"frobnicate": 1})
+    with pytest.raises(TrainingError, match="--label-temperature must be > 0"):
+        TrainConfig(task="x", label_temperature=0.0)
+
+
+def test_prompt_loads_with_the_label_temperature_it_was_trained_with():
+    from composer.build import trained_label_temperature
+
+    assert trained_label_temperature({"config": {"task": "x", "label_temperature": 0.2}}) == 0.2
+    assert trained_label_temperature({"config": {"task": "x", "temperature": 0.1}}) == 0.1  # older single-task
+    # a multitask run's config: temperature is the task-sampling one
+    assert trained_label_temperature({"config": {"tasks": ["a"], "temperature": 2.0}}) == 0.05
+    assert trained_label_temperature({"config": {"tasks": ["a"], "temperature": 2.0, "label_temperature": 0.3}}) == 0.3
+    assert trained_label_temperature({}) == 0.05
+
+
+def test_eval_scores_with_the_trained_label_temperature(toy_task, tiny_bert_dir, tmp_path):
+    from composer.backbones import load_backbone
+    from composer.build import from_library
+    from composer.tasks import load_task
+
+    train(cfg(toy_task, tiny_bert_dir, tmp_path, head="label-similarity", label_temperature=0.5, steps=2,
+              eval_every=2, save="hot"), progress=False)
+    e = Library().load("hot")
+    pm = from_library(e, load_backbone(str(tiny_bert_dir)), load_task(str(toy_task)))
+    assert pm.head.kind == "label-similarity" and pm.head.temperature == 0.5
