@@ -498,6 +498,8 @@ def similarity(ctx, names, all_, metric, model, plot, as_json):
 @click.option("--steps", default=0, show_default=True, type=int, help="attention: fit the module on the shots first.")
 @click.option("--distill", is_flag=True, help="attention: save one static prompt (the mean mixture), e.g. for PEFT.")
 @click.option("--model", help="Backbone (default: the candidates').")
+@click.option("--device", default="auto", show_default=True,
+              help="best, linear, attention: where the backbone runs (auto: CUDA when there is one; cpu, cuda:N).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--data-dir", type=click.Path(file_okay=False), envvar="PROMPT_COMPOSER_DATA")
 @click.option("--save", help="Library name for the composed prompt.")
@@ -506,7 +508,7 @@ def similarity(ctx, names, all_, metric, model, plot, as_json):
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def compose(ctx, graph_path, target, strategy, top_k, metric, shots, method, l1, temperature, steps, distill, model,
-            seed, data_dir, save, out_graph, plot, as_json):
+            device, seed, data_dir, save, out_graph, plot, as_json):
     """Compose TARGET's prompt from its subtasks and top-k similar sources in GRAPH.
 
     \b
@@ -520,7 +522,7 @@ def compose(ctx, graph_path, target, strategy, top_k, metric, shots, method, l1,
 
     cfg = ComposeConfig(graph=graph_path, target=target, strategy=strategy, top_k=top_k, metric=metric, shots=shots,
                         method=method, l1=l1, temperature=temperature, steps=steps, distill=distill, seed=seed,
-                        model=model, data_dir=data_dir, save=save, out_graph=out_graph)
+                        model=model, device=device, data_dir=data_dir, save=save, out_graph=out_graph)
     r = run_compose(cfg, library=_library(ctx))
     if plot and r.get("per_class"):
         from composer.plots import weights_per_class

@@ -73,6 +73,9 @@ class ComposeConfig:
     save: str | None = None
     out_graph: str | None = None
     """Where to write the graph with the composed weights on its edges (node-link JSON)."""
+    device: str = "auto"
+    """Where the backbone runs for best, linear and attention: auto (CUDA when there is one) | cpu | cuda | cuda:N.
+    A backbone passed to compose() stays where it is."""
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -83,6 +86,27 @@ class ComposeConfig:
             raise ComposeError(f"--shots must be positive, got {self.shots}")
         if self.method not in ("lbfgs", "powell", "nelder-mead"):
             raise ComposeError(f"unknown --method {self.method!r}: use lbfgs, powell or nelder-mead")
+        resolve_device(self.device)
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto | cpu | cuda | cuda:N -> a torch.device that exists here (one-line error otherwise)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ComposeError(f"bad --device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ComposeError(f"bad --device {name!r}: use auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
+        raise ComposeError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                           "use --device cpu (or auto)")
+    return dev
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def candidates(G, target: str, library: Library, metric: str | None = None, top_k: int = 3,
@@ -164,7 +188,7 @@ def distill_over(pm, enc: Encoded, batch_size: int = 64, limit: int = 512) -> to
     batches = []
     with torch.no_grad():
         for s in range(0, len(idx), batch_size):
-            b = enc.batch(idx[s : s + batch_size], pad)
+            b = _to(enc.batch(idx[s : s + batch_size], pad), pm.device)
             batches.append((pm.embed(b["input_ids"]).float(), b["attention_mask"]))
     prompt = src.composer.distill(batches)
     src.set_static(prompt)
@@ -177,9 +201,9 @@ def mean_attention(pm, enc: Encoded, batch_size: int = 64) -> torch.Tensor:
     out = []
     with torch.no_grad():
         for s in range(0, len(enc), batch_size):
-            b = enc.batch(range(s, min(s + batch_size, len(enc))), pad)
+            b = _to(enc.batch(range(s, min(s + batch_size, len(enc))), pad), pm.device)
             _, w = pm.prompt_source.composer(pm.embed(b["input_ids"]).float(), b["attention_mask"])
-            out.append(w)
+            out.append(w.cpu())
     return torch.cat(out)
 
 
@@ -216,6 +240,10 @@ def compose(cfg: ComposeConfig, library: Library | None = None, backbone: Backbo
     bb = backbone
     if needs_model and bb is None:
         bb = load_backbone(cfg.model or cands[0].meta.get("backbone") or G.graph.get("backbone"))
+        bb.model.to(resolve_device(cfg.device))
+    device = next(bb.model.parameters()).device if needs_model else torch.device("cpu")
+    if stack is not None:
+        stack = stack.to(device)
     result: dict = {"target": cfg.target, "strategy": cfg.strategy, "candidates": names,
                     "prompts": [c.prompt_name for c in cands], "relations": [c.relation for c in cands],
                     "metric": cfg.metric, "seed": cfg.seed}
@@ -234,7 +262,7 @@ def compose(cfg: ComposeConfig, library: Library | None = None, backbone: Backbo
         weights = wt.tolist()
     else:
         shots = _few_shot(spec, bb, cfg.shots, cfg.seed, cfg.data_dir)
-        pm = build_model(bb, spec, stack[0].clone(), seed=cfg.seed)
+        pm = build_model(bb, spec, stack[0].clone(), seed=cfg.seed).to(device)
         freeze_backbone(pm)
         pm.eval()  # deterministic scores while choosing
         result["shots"] = len(shots)
@@ -248,7 +276,7 @@ def compose(cfg: ComposeConfig, library: Library | None = None, backbone: Backbo
             result["scores"] = [float(s) for s in scores]
         elif cfg.strategy == "linear":
             pad = bb.tokenizer.pad_token_id
-            b = shots.batch(range(len(shots)), pad)
+            b = _to(shots.batch(range(len(shots)), pad), device)
 
             def loss_fn(p):
                 return F.cross_entropy(pm(b["input_ids"], b["attention_mask"], prompt=p).float(), b["labels"])
@@ -262,7 +290,7 @@ def compose(cfg: ComposeConfig, library: Library | None = None, backbone: Backbo
                             res.message, res.loss)
         else:  # attention
             comp = AttentionComposer(stack, temperature=cfg.temperature, seed=cfg.seed)
-            pm = build_model(bb, spec, MixtureSource(comp), seed=cfg.seed)
+            pm = build_model(bb, spec, MixtureSource(comp), seed=cfg.seed).to(device)
             freeze_backbone(pm)
             if cfg.steps > 0:
                 _fit(pm, shots, cfg.steps, cfg.lr, cfg.seed)
@@ -278,6 +306,7 @@ def compose(cfg: ComposeConfig, library: Library | None = None, backbone: Backbo
                 provenance["composer_config"] = conf
             provenance["distilled"] = bool(cfg.distill)
     result["weights"] = weights
+    prompt = prompt.detach().cpu()
     if cfg.save:
         provenance.update(strategy=cfg.strategy, graph=str(cfg.graph), candidates=names,
                           prompts=[c.prompt_name for c in cands], weights=weights, metric=cfg.metric,
@@ -314,7 +343,7 @@ def _fit(pm, enc: Encoded, steps: int, lr: float, seed: int, batch_size: int = 1
     pm.train()
     for s in range(steps):
         torch.manual_seed(seed * 1_000_003 + s)
-        b = enc.batch(plan.indices(s), pad)
+        b = _to(enc.batch(plan.indices(s), pad), pm.device)
         loss = F.cross_entropy(pm(b["input_ids"], b["attention_mask"]).float(), b["labels"])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -50,6 +50,11 @@ class PromptedModel(nn.Module):
 
     # -- the backbone pieces the heads need -------------------------------------------------
     @property
+    def device(self) -> torch.device:
+        """Where the backbone's weights are (inputs go there)."""
+        return next(self.backbone.parameters()).device
+
+    @property
     def family(self) -> str:
         return self.bb.family
 

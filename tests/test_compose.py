@@ -150,3 +150,37 @@ def test_no_candidates_and_too_many_shots(setup, tmp_path):
         compose(cc(lone, strategy="concat"))
     with pytest.raises(ComposeError, match=r"--shots 500 is larger than class '0' .*\(120 examples\)"):
         compose(cc(g, strategy="best", shots=500))
+
+
+@pytest.mark.parametrize("device,msg", [
+    ("tpu", "bad --device 'tpu'"),
+    ("meta", "bad --device 'meta'"),
+    ("cuda:99", "--device cuda:99: this machine has"),
+])
+def test_bad_device_is_refused_before_loading(setup, device, msg):
+    _, g, _ = setup
+    with pytest.raises(ComposeError, match=msg):
+        cc(g, strategy="linear", device=device)
+
+
+@pytest.mark.parametrize("strategy", ["best", "linear", "attention"])
+def test_backbone_runs_where_device_says(setup, strategy, monkeypatch):
+    """auto picks CUDA when there is one (else the CPU); every strategy that runs the model gives the same weights
+    on the device it picked as on the CPU."""
+    import composer.compose as C
+
+    _, g, _ = setup
+    placed = []
+    real = C.load_backbone
+
+    def spy(*a, **kw):
+        bb = real(*a, **kw)
+        placed.append(bb)
+        return bb
+
+    monkeypatch.setattr(C, "load_backbone", spy)
+    on_cpu = compose(cc(g, strategy=strategy, device="cpu", steps=2))
+    auto = compose(cc(g, strategy=strategy, device="auto", steps=2))
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert [next(bb.model.parameters()).device.type for bb in placed] == ["cpu", want]
+    assert auto["weights"] == pytest.approx(on_cpu["weights"], abs=1e-3)
