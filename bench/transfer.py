@@ -323,15 +323,17 @@ class Bench:
         prep = prepare(tc, backbone=bb, library=self.lib)
         prep.dev = _subset(prep.dev, cfg.max_eval, 0)  # one dev subset for every arm and seed
         prep.test = _subset(prep.test, cfg.max_test, 0) if prep.test is not None else None
+        load0 = os.getloadavg()[0]
         r = train(tc, prepared=prep, library=self.lib, progress=False)
+        load = [round(load0, 2), round(os.getloadavg()[0], 2)]
         curve = read_curve(run_dir)
         for sub in ("checkpoint", "best"):  # a joint run's checkpoints hold the whole model: do not keep them
             shutil.rmtree(run_dir / sub, ignore_errors=True)
         rec = {"init": init, "seed": seed, "mode": mode, "prompt_length": P, "steps": r["steps"],
                "initial": r["initial"]["score"], "dev": r["best"], "dev_last": curve[1][-1],
                "test": (r.get("test") or {}).get("score"), "best_step": r["best_step"], "curve": curve,
-               "seconds": r["seconds"], "s_per_step": r["seconds"] / max(1, r["steps"]), "run_dir": str(run_dir),
-               "metric": r["metric"]}
+               "seconds": r["seconds"], "s_per_step": r["seconds"] / max(1, r["steps"]), "load": load,
+               "run_dir": str(run_dir), "metric": r["metric"]}
         rec = self.cache[key] = self.store(run_dir / "record.json", rkey, rec)
         return rec
 
@@ -391,7 +393,7 @@ class Bench:
                 f.write(json.dumps({"step": step, "eval": r}) + "\n")
             return r["score"]
 
-        t0 = time.time()
+        t0, load0 = time.time(), os.getloadavg()[0]
         best = initial = do_eval(0)
         best_step, best_prompt = 0, arm.prompt().detach().clone()
         for step in range(steps):
@@ -415,7 +417,8 @@ class Bench:
         rec = {"init": "random (PEFT PromptTuning)", "seed": seed, "mode": "prompt", "prompt_length": cfg.prompt_length,
                "steps": steps, "initial": initial, "dev": best, "dev_last": curve[1][-1],
                "test": evaluate(test)["score"] if test is not None else None, "best_step": best_step,
-               "curve": curve, "seconds": round(seconds, 2), "s_per_step": seconds / steps, "run_dir": str(run_dir),
+               "curve": curve, "seconds": round(seconds, 2), "s_per_step": seconds / steps,
+               "load": [round(load0, 2), round(os.getloadavg()[0], 2)], "run_dir": str(run_dir),
                "metric": prep.spec.metric}
         arm = own = None  # free the model copy before the next arm (the closures above are done with it)
         return self.store(run_dir / "record.json", rkey, rec)

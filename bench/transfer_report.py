@@ -60,6 +60,13 @@ def summarise_target(t: dict) -> dict:
     return out
 
 
+def crowded(runs: dict, threads: int) -> list[str]:
+    """Runs timed while other work shared the cores: 1-minute load average above threads + 1 at their start or
+    end (records from before the load was kept say nothing)."""
+    return [f"{arm} seed {r['seed']} (load {r['load'][0]:g}/{r['load'][1]:g})" for arm, recs in runs.items()
+            for r in recs if max(r.get("load") or [0]) > threads + 1]
+
+
 def gap_floor(*sds: float | None) -> float:
     """How far full tuning must beat random for "gap closed" to mean anything: the larger seed spread.
 
@@ -255,6 +262,10 @@ def markdown(res: dict, fig_rel) -> str:
                      if tr["runs"].get("best") else "") + "."]
         if notes:
             lines += ["Not run: " + "; ".join(notes) + "."]
+        busy = crowded(tr["runs"], res["machine"]["threads"])
+        if busy:
+            lines += [f"Timed with other work on the cores (load above {res['machine']['threads'] + 1}), so their "
+                      "s/step is not a clean timing: " + ", ".join(busy) + "."]
         lines += ["", f"![{t}]({fig_rel(t)})", ""]
     tf = res["transferability"]
     srcs = list(res["sources"])

@@ -220,3 +220,14 @@ def test_gap_closed_only_where_full_tuning_beats_random_by_more_than_the_noise(b
     assert mean_gap(both, "best") == (pytest.approx(0.5), 1)
     assert mean_gap({"noisy": noisy}, "best") == (None, 0)
     assert "mean gap closed (test) 0.50 over 1 targets" in "\n".join(claims(both))
+
+
+def test_runs_timed_on_crowded_cores_are_named(bench_mod):
+    from transfer_report import crowded
+
+    runs = {"random": [{"seed": 0, "load": [1.9, 2.4]}, {"seed": 1, "load": [2.1, 4.6]}],
+            "peft": [{"seed": 0}],  # a record from before the load was kept
+            "full": [{"seed": 2, "load": [3.5, 1.0]}]}
+    assert crowded(runs, threads=2) == ["random seed 1 (load 2.1/4.6)", "full seed 2 (load 3.5/1)"]
+    assert crowded(runs, threads=3) == ["random seed 1 (load 2.1/4.6)"]
+    assert crowded(runs, threads=4) == []
