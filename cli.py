@@ -285,9 +285,12 @@ def train(ctx, task_name, model, head, prompt_length, init, mode, unfreeze, step
 @click.option("--prompts", help="--matrix: comma-separated prompt names (default: all).")
 @click.option("--tasks", "tasks_", help="--matrix: comma-separated task names.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="--matrix: heatmap PNG.")
+@click.option("--device", default="auto", show_default=True,
+              help="Where the backbone runs (auto: CUDA when there is one; cpu, cuda:N).")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def eval_cmd(ctx, name, task_name, model, split, head, max_examples, data_dir, matrix, prompts, tasks_, plot, as_json):
+def eval_cmd(ctx, name, task_name, model, split, head, max_examples, data_dir, matrix, prompts, tasks_, plot, device,
+             as_json):
     """Evaluate a library prompt on a task's split.
 
     \b
@@ -311,7 +314,7 @@ def eval_cmd(ctx, name, task_name, model, split, head, max_examples, data_dir, m
             raise click.UsageError("--matrix needs --tasks T1,T2,...")
         names = prompts.split(",") if prompts else lib.names()
         r = transfer_matrix(lib, names, tasks_.split(","), model=model, data_dir=data_dir,
-                            max_examples=max_examples or 500, split=split)
+                            max_examples=max_examples or 500, split=split, device=device)
         if plot:
             from composer.plots import similarity_heatmap
 
@@ -324,7 +327,7 @@ def eval_cmd(ctx, name, task_name, model, split, head, max_examples, data_dir, m
         raise click.UsageError("give a prompt NAME (or --matrix)")
     entry = lib.load(name)
     spec = load_task(task_name or entry.meta.get("task"))
-    bb = load_backbone(model or entry.meta["backbone"])
+    bb = load_backbone(model or entry.meta["backbone"], device=device)
     pm = from_library(entry, bb, spec, head=head)
     splits = load_splits(spec, data_dir=data_dir, splits=[split])
     enc = _subset(encode_split(spec, splits[split], bb.tokenizer), max_examples, 0)

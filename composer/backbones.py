@@ -129,14 +129,33 @@ def resolve(name: str) -> tuple[str, dict]:
     return name, {}
 
 
+def resolve_device(name: str) -> torch.device:
+    """auto | cpu | cuda | cuda:N -> a torch.device that exists here (one-line error otherwise)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise BackboneError(f"bad --device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise BackboneError(f"bad --device {name!r}: use auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
+        raise BackboneError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                           "use --device cpu (or auto)")
+    return dev
+
+
 def load_backbone(
     name: str,
     family: str | None = None,
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
     allow_download: bool = False,
+    device: str = "cpu",
 ) -> Backbone:
-    """Load a backbone by alias, path or hub id (offline unless ``allow_download``)."""
+    """Load a backbone by alias, path or hub id (offline unless ``allow_download``) onto ``device``
+    (auto | cpu | cuda | cuda:N; see resolve_device)."""
+    where_to = resolve_device(device)  # a bad device fails before the load
     from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM,
                               AutoTokenizer)
 
@@ -159,7 +178,7 @@ def load_backbone(
         model = cls.from_pretrained(where, dtype=dtype, **kwargs)
     except OSError as e:
         raise BackboneError(f"cannot load backbone '{name}': {str(e).splitlines()[0]}") from None
-    return wrap(model, tokenizer, name=name, family=fam, source=where)
+    return wrap(model.to(where_to), tokenizer, name=name, family=fam, source=where)
 
 
 def wrap(model: nn.Module, tokenizer, name: str, family: str | None = None, source: str = "") -> Backbone:

@@ -127,7 +127,7 @@ def build_model(backbone: Backbone, spec, prompt: torch.Tensor | nn.Module, head
         raise LibraryError(f"prompt of hidden size {prompt.shape[-1]} does not fit backbone '{backbone.name}' "
                            f"of hidden size {backbone.hidden_size}")
     pm = PromptedModel(backbone, source, make_head(spec, backbone, kind, temperature=temperature, seed=seed))
-    return pm
+    return pm.to(pm.device)  # prompt and head live where the backbone is
 
 
 def freeze_backbone(pm: PromptedModel) -> None:

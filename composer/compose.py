@@ -23,7 +23,7 @@ from torch import nn
 from composer import graph as G_
 from composer import mixing
 from composer.attention import AttentionComposer
-from composer.backbones import Backbone, load_backbone
+from composer.backbones import Backbone, load_backbone, resolve_device
 from composer.build import Encoded, build_model, encode_split, freeze_backbone
 from composer.errors import ComposeError
 from composer.evaluate import predict, score
@@ -87,22 +87,6 @@ class ComposeConfig:
         if self.method not in ("lbfgs", "powell", "nelder-mead"):
             raise ComposeError(f"unknown --method {self.method!r}: use lbfgs, powell or nelder-mead")
         resolve_device(self.device)
-
-
-def resolve_device(name: str) -> torch.device:
-    """auto | cpu | cuda | cuda:N -> a torch.device that exists here (one-line error otherwise)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ComposeError(f"bad --device {name!r}: use auto, cpu, cuda or cuda:N") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ComposeError(f"bad --device {name!r}: use auto, cpu, cuda or cuda:N")
-    if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
-        raise ComposeError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); "
-                           "use --device cpu (or auto)")
-    return dev
 
 
 def _to(batch: dict, device: torch.device) -> dict:
@@ -239,8 +223,7 @@ def compose(cfg: ComposeConfig, library: Library | None = None, backbone: Backbo
     needs_model = cfg.strategy in ("best", "linear", "attention")
     bb = backbone
     if needs_model and bb is None:
-        bb = load_backbone(cfg.model or cands[0].meta.get("backbone") or G.graph.get("backbone"))
-        bb.model.to(resolve_device(cfg.device))
+        bb = load_backbone(cfg.model or cands[0].meta.get("backbone") or G.graph.get("backbone"), device=cfg.device)
     device = next(bb.model.parameters()).device if needs_model else torch.device("cpu")
     if stack is not None:
         stack = stack.to(device)

@@ -115,7 +115,7 @@ def _dev(spec, backbone: Backbone, data_dir, max_examples: int | None, split: st
 
 def transfer_matrix(library: Library, prompts: list[str], tasks: list[str], model: str | None = None,
                     data_dir=None, max_examples: int | None = 500, split: str = "dev",
-                    backbone: Backbone | None = None) -> dict:
+                    backbone: Backbone | None = None, device: str = "cpu") -> dict:
     """Zero-shot transfer: each prompt evaluated on each task's dev split -> {"scores": [[...]], ...}."""
     from composer.tasks import load_task
 
@@ -124,7 +124,7 @@ def transfer_matrix(library: Library, prompts: list[str], tasks: list[str], mode
     if backbone is None:
         if model is None and len(names) != 1:
             raise ComposerError(f"prompts come from several backbones ({sorted(map(str, names))}); pass --model")
-        backbone = load_backbone(model or names.pop())
+        backbone = load_backbone(model or names.pop(), device=device)
     specs = [load_task(t) for t in tasks]
     scores, metrics = [], []
     for spec in specs:

@@ -157,3 +157,11 @@ def test_train_options_reach_the_config(monkeypatch):
     assert (c.task, c.label_temperature, c.gradient_checkpointing, c.patience, c.k_shot, c.save) == \
         ("sst2", 0.2, True, 3, 16, "s")
     assert c.steps == T.TrainConfig(task="x").steps  # not given: the config's default
+
+
+def test_eval_runs_where_device_says(toy_task, tiny_bert_dir):
+    Library().save("p32", torch.zeros(4, 32), {"task": "toy", "backbone": str(tiny_bert_dir), "family": "encoder"})
+    r = jrun("eval", "p32", "--task", toy_task, "--model", tiny_bert_dir, "--device", "cpu")
+    assert r["n"] > 0 and 0 <= r["score"] <= 1
+    err = one_line_error(run("eval", "p32", "--task", toy_task, "--model", tiny_bert_dir, "--device", "tpu", ok=False))
+    assert "bad --device 'tpu': use auto, cpu, cuda or cuda:N" in err

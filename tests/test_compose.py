@@ -158,8 +158,10 @@ def test_no_candidates_and_too_many_shots(setup, tmp_path):
     ("cuda:99", "--device cuda:99: this machine has"),
 ])
 def test_bad_device_is_refused_before_loading(setup, device, msg):
+    from composer.errors import BackboneError
+
     _, g, _ = setup
-    with pytest.raises(ComposeError, match=msg):
+    with pytest.raises(BackboneError, match=msg):
         cc(g, strategy="linear", device=device)
 
 
