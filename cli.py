@@ -147,7 +147,7 @@ def task_check(name, data_dir, as_json):
 @click.argument("task_name", metavar="TASK", required=False)
 @click.option("--model", default="minilm", show_default=True,
               help="Backbone: alias (minilm, smollm2-135m), path or hub id (--multitask: the graph's, else minilm).")
-@click.option("--head", type=click.Choice(["verbalizer", "label-similarity", "linear"]), help="Default: by family.")
+@click.option("--head", type=click.Choice(["verbalizer", "label-similarity", "mlm", "linear"]), help="Default: by family.")
 @click.option("--prompt-length", default=20, show_default=True, type=int)
 @click.option("--init", default="random", show_default=True, help="random | vocab | text | text:WORDS | library:NAME")
 @click.option("--mode", type=click.Choice(["prompt", "joint"]), default="prompt", show_default=True)
@@ -278,7 +278,7 @@ def train(ctx, task_name, model, head, prompt_length, init, mode, unfreeze, step
 @click.option("--task", "task_name", help="Task to evaluate on (default: the prompt's own task).")
 @click.option("--model", help="Backbone (default: the one the prompt was trained on).")
 @click.option("--split", default="dev", show_default=True, type=click.Choice(["train", "dev", "test"]))
-@click.option("--head", type=click.Choice(["verbalizer", "label-similarity", "linear"]))
+@click.option("--head", type=click.Choice(["verbalizer", "label-similarity", "mlm", "linear"]))
 @click.option("--max-examples", type=int, help="Evaluate on at most this many examples (seeded subset).")
 @click.option("--data-dir", type=click.Path(file_okay=False), envvar="PROMPT_COMPOSER_DATA")
 @click.option("--matrix", is_flag=True, help="Zero-shot transfer of many prompts (--prompts) on many tasks (--tasks).")

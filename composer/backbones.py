@@ -56,7 +56,7 @@ class Backbone:
     """A loaded backbone: the model, its tokenizer and what we need to know about it."""
 
     name: str  # what the user asked for (alias, path or id); stored in prompt.json
-    model: nn.Module  # the bare transformers model (AutoModel / ForCausalLM / ForSeq2SeqLM)
+    model: nn.Module  # the transformers model (AutoModel or ForMaskedLM / ForCausalLM / ForSeq2SeqLM)
     tokenizer: object
     family: str  # encoder | decoder | encoder-decoder
     hidden_size: int
@@ -66,6 +66,12 @@ class Backbone:
 
     def input_embeddings(self) -> nn.Embedding:
         return self.model.get_input_embeddings()
+
+    @property
+    def has_mlm_head(self) -> bool:
+        """An encoder loaded with its masked-LM head (what the mlm scoring head reads)."""
+        return (self.family == "encoder" and self.model.get_output_embeddings() is not None
+                and getattr(self.tokenizer, "mask_token_id", None) is not None)
 
 
 def alias_path(alias: str) -> Path:
@@ -156,8 +162,8 @@ def load_backbone(
     """Load a backbone by alias, path or hub id (offline unless ``allow_download``) onto ``device``
     (auto | cpu | cuda | cuda:N; see resolve_device)."""
     where_to = resolve_device(device)  # a bad device fails before the load
-    from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM,
-                              AutoTokenizer)
+    from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM,
+                              AutoModelForSeq2SeqLM, AutoTokenizer)
 
     where, kwargs = resolve(name)
     kwargs = dict(kwargs, trust_remote_code=trust_remote_code)
@@ -172,6 +178,8 @@ def load_backbone(
     if fam not in FAMILIES:
         raise BackboneError(f"unknown family '{fam}': use one of {', '.join(FAMILIES)}")
     cls = {"encoder": AutoModel, "decoder": AutoModelForCausalLM, "encoder-decoder": AutoModelForSeq2SeqLM}[fam]
+    if fam == "encoder" and any(a.endswith("ForMaskedLM") for a in (config.architectures or [])):
+        cls = AutoModelForMaskedLM  # keep the masked-LM head the checkpoint has (the mlm scoring head reads it)
     log.info("loading %s backbone %s from %s", fam, name, where)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)

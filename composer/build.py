@@ -10,7 +10,7 @@ from torch import nn
 from composer.backbones import Backbone
 from composer.encoding import encode_rows, pad_batch
 from composer.errors import ComposerError, LibraryError, TaskError
-from composer.heads import DEFAULT_HEAD, HEADS, LabelSimilarityHead, LinearHead, VerbalizerHead
+from composer.heads import DEFAULT_HEAD, HEADS, LabelSimilarityHead, LinearHead, MaskedLMHead, VerbalizerHead
 from composer.library import Library, check_compatible
 from composer.model import PromptedModel
 from composer.prompts import SoftPrompt, random_init, text_init, vocab_init
@@ -46,9 +46,13 @@ def encode_split(spec, ds, tokenizer) -> Encoded:
 
 
 def resolve_head(spec, backbone: Backbone, head: str | None = None) -> str:
-    kind = head or getattr(spec, "head", None) or DEFAULT_HEAD[backbone.family]
+    kind = head or getattr(spec, "head", None) or ("mlm" if backbone.has_mlm_head else DEFAULT_HEAD[backbone.family])
     if kind not in HEADS:
         raise ComposerError(f"unknown head '{kind}': use one of {', '.join(HEADS)}")
+    if kind == "mlm" and not backbone.has_mlm_head:
+        raise ComposerError(f"the mlm head needs an encoder loaded with its masked-LM head (a checkpoint whose "
+                            f"config lists a *ForMaskedLM architecture, e.g. bert-base-uncased), and "
+                            f"'{backbone.name}' has none: use --head label-similarity or --head linear")
     if kind == "verbalizer" and backbone.family == "encoder":
         raise ComposerError(f"the verbalizer head needs a decoder or encoder-decoder, and '{backbone.name}' is an "
                             "encoder: use --head label-similarity or --head linear")
@@ -71,6 +75,13 @@ def make_head(spec, backbone: Backbone, kind: str, temperature: float = 0.05, se
         if empty:
             raise TaskError(f"task '{spec.name}': label words {empty} tokenise to nothing on '{backbone.name}'")
         return VerbalizerHead(ids)
+    if kind == "mlm":
+        ids = [tok(w, add_special_tokens=False)["input_ids"] for w in spec.label_words]
+        multi = [f"{w!r} -> {len(i)} tokens" for w, i in zip(spec.label_words, ids) if len(i) != 1]
+        if multi:
+            raise TaskError(f"task '{spec.name}': the mlm head needs one token per label word, and on "
+                            f"'{backbone.name}' {', '.join(multi)}; pick single-token label words")
+        return MaskedLMHead([i[0] for i in ids], tok.mask_token_id, before_sep=tok.sep_token_id is not None)
     if kind == "label-similarity":
         seqs = tok(label_descriptions(spec), add_special_tokens=True)["input_ids"]
         ids, mask = pad_batch(seqs, tok.pad_token_id)

@@ -4,6 +4,9 @@ verbalizer        log-likelihood of each label's words (decoders, encoder-decode
                   are scored token by token and summed. No task parameters.
 label-similarity  cosine between the mean-pooled prompted input and each encoded label description,
                   divided by a temperature (sentence encoders such as MiniLM). No task parameters.
+mlm               the masked-LM head's log-probability of each label word at a [MASK] put at the end of the
+                  input, before [SEP] (LM-BFF's prompt-based classification; encoders loaded with their MLM
+                  head, e.g. bert-base-uncased or roberta-base). No task parameters.
 linear            a small Linear(H, C) on the pooled input; its weights are saved beside the prompt.
 
 Each head is called as head(pm, embeds [B, T, H], mask [B, T], P) where embeds already hold the prompt.
@@ -14,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-HEADS = ("verbalizer", "label-similarity", "linear")
+HEADS = ("verbalizer", "label-similarity", "mlm", "linear")
 DEFAULT_HEAD = {"encoder": "label-similarity", "decoder": "verbalizer", "encoder-decoder": "verbalizer"}
+"""By family; an encoder loaded with its masked-LM head defaults to mlm (see composer.build.resolve_head)."""
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -96,6 +100,53 @@ class VerbalizerHead(nn.Module):
         lab = labels.repeat(B, 1)
         tok = logp.gather(-1, lab.clamp(min=0)[..., None]).squeeze(-1)
         return (tok * (lab >= 0)).sum(-1).view(B, C)
+
+
+def insert_at(embeds: torch.Tensor, mask: torch.Tensor, at: torch.Tensor,
+              token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Put ``token`` [H] into each right-padded row at position ``at`` [B], shifting the rest right:
+    -> embeds [B, T+1, H], mask [B, T+1]."""
+    B, T, H = embeds.shape
+    j = torch.arange(T + 1, device=embeds.device)[None]  # [1, T+1]
+    src = (j - (j > at[:, None]).long()).clamp(max=T - 1)  # [B, T+1]: which old position lands at j
+    x = embeds.gather(1, src[..., None].expand(B, T + 1, H))
+    m = mask.gather(1, src)
+    rows = torch.arange(B, device=embeds.device)
+    x[rows, at] = token.to(x.dtype)
+    m[rows, at] = 1
+    return x, m
+
+
+class MaskedLMHead(nn.Module):
+    """log p([MASK] = label word | prompt, input) per label -> [B, C] (single-token label words).
+
+    The [MASK] goes after the input's last real token, before its closing [SEP] (or at the end when the
+    tokenizer adds none). The backbone's own prediction head scores it: ``cls`` (BERT family) or
+    ``lm_head`` (RoBERTa family) on the [MASK] state only; any other masked LM runs whole.
+    """
+
+    kind = "mlm"
+
+    def __init__(self, label_token_ids: list[int], mask_token_id: int, before_sep: bool):
+        super().__init__()
+        self.label_token_ids = list(label_token_ids)
+        self.mask_token_id = int(mask_token_id)
+        self.before_sep = before_sep
+
+    def forward(self, pm, embeds: torch.Tensor, mask: torch.Tensor, P: int) -> torch.Tensor:
+        at = mask.sum(1).long() - (1 if self.before_sep else 0)  # [B]
+        token = pm.embed(torch.tensor([self.mask_token_id], device=embeds.device))[0]  # [H]
+        x, m = insert_at(embeds, mask, at, token)
+        rows = torch.arange(len(x), device=x.device)
+        lm = pm.backbone
+        head = getattr(lm, "cls", None) or getattr(lm, "lm_head", None)
+        if isinstance(head, nn.Module):
+            h = pm.hidden(x, m)[rows, at]  # [B, H]
+            logits = head(h[:, None])[:, 0]  # [B, V]
+        else:
+            logits = lm(inputs_embeds=x, attention_mask=m).logits[rows, at]
+        ids = torch.tensor(self.label_token_ids, device=logits.device)
+        return F.log_softmax(logits.float(), dim=-1)[:, ids]  # [B, C]
 
 
 class LabelSimilarityHead(nn.Module):

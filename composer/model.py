@@ -83,7 +83,8 @@ class PromptedModel(nn.Module):
             return self.backbone.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         if self.family == "decoder":
             return self.backbone.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-        return self.backbone(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        # base_model: the encoder itself, also when it was loaded with its masked-LM head
+        return self.backbone.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 prompt: torch.Tensor | None = None) -> torch.Tensor:
