@@ -64,7 +64,7 @@ def activation_masks(entries, backbone: Backbone, probe: tuple[torch.Tensor, tor
         P = e.prompt.shape[0]
 
         def run(pm=pm):
-            embeds, m, _ = pm.prompted(ids, mask)
+            embeds, m, _ = pm.prompted(ids.to(pm.device), mask.to(pm.device))
             pm.hidden(embeds, m)
 
         out.append(capture_ffn_activations(pm.backbone, run, threshold=threshold, positions=slice(start, start + P)))
