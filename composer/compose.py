@@ -89,6 +89,15 @@ class ComposeConfig:
         resolve_device(self.device)
 
 
+def _bar(desc: str, unit: str, total: int | None = None):
+    """A progress bar on stderr, shown only on a terminal (not in logs)."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=False, disable=None)
+
+
 def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -264,7 +273,13 @@ def compose(cfg: ComposeConfig, library: Library | None = None, backbone: Backbo
             def loss_fn(p):
                 return F.cross_entropy(pm(b["input_ids"], b["attention_mask"], prompt=p).float(), b["labels"])
 
-            res = mixing.optimize_linear(stack, loss_fn, method=cfg.method, l1=cfg.l1, seed=cfg.seed)
+            with _bar(f"compose {cfg.target}: linear ({cfg.method})", "eval") as bar:
+                def tick(n, best):
+                    bar.update(1)
+                    bar.set_postfix(objective=f"{best:.4g}", refresh=False)
+
+                res = mixing.optimize_linear(stack, loss_fn, method=cfg.method, l1=cfg.l1, seed=cfg.seed,
+                                             on_eval=tick)
             prompt = mixing.combine(torch.as_tensor(res.weights, dtype=torch.float32), stack).detach()
             weights = [float(x) for x in res.weights]
             result["optimizer"] = {k: v for k, v in res.to_dict().items() if k != "history"}
@@ -324,14 +339,16 @@ def _fit(pm, enc: Encoded, steps: int, lr: float, seed: int, batch_size: int = 1
     plan = BatchPlan(len(enc), min(batch_size, len(enc)), seed)
     pad = pm.bb.tokenizer.pad_token_id
     pm.train()
-    for s in range(steps):
-        torch.manual_seed(seed * 1_000_003 + s)
-        b = _to(enc.batch(plan.indices(s), pad), pm.device)
-        loss = F.cross_entropy(pm(b["input_ids"], b["attention_mask"]).float(), b["labels"])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    with _bar("compose: fit the attention module", "step", steps) as bar:
+        for s in range(steps):
+            torch.manual_seed(seed * 1_000_003 + s)
+            b = _to(enc.batch(plan.indices(s), pad), pm.device)
+            loss = F.cross_entropy(pm(b["input_ids"], b["attention_mask"]).float(), b["labels"])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            bar.update(1)
     pm.eval()
 
 

@@ -257,6 +257,7 @@ def optimize_linear(
     max_iter: int = 100,
     max_evals: int | None = None,
     seed: int | None = 0,
+    on_eval: Callable[[int, float], None] | None = None,
 ) -> LinearResult:
     """Fit weights w [K] so that loss_fn(combine(w, candidates)) + l1 * |w|_1 is small.
 
@@ -274,6 +275,8 @@ def optimize_linear(
     None). With ``seed`` not None, every evaluation runs with the torch CPU RNG (and
     that of the candidates' CUDA device) seeded to it, so a loss with dropout or
     sampling is the same function at every call; the global RNG state is restored.
+    ``on_eval(n, best)`` is called after every evaluation with the count so far and the
+    best objective yet (a progress bar's hook).
 
     A NaN or inf objective is shown to the optimizer as +inf. The best weights seen
     over all evaluations are kept: if scipy fails or loss_fn raises, they are returned
@@ -321,12 +324,14 @@ def optimize_linear(
             (g,) = torch.autograd.grad(out.reshape(()), w)
             grad = g.double().cpu().numpy() + l1 * np.sign(x)
         obj = loss + l1 * float(np.abs(x).sum())
-        if not math.isfinite(obj) or (grad is not None and not np.isfinite(grad).all()):
-            history.append(math.inf)
-            return math.inf, (np.zeros(K) if need_grad else None)
-        history.append(obj)
-        if obj < state["best_obj"]:
+        finite = math.isfinite(obj) and (grad is None or np.isfinite(grad).all())
+        history.append(obj if finite else math.inf)
+        if finite and obj < state["best_obj"]:
             state.update(best_obj=obj, best_w=x.copy(), best_loss=loss)
+        if on_eval is not None:
+            on_eval(state["n"], state["best_obj"])
+        if not finite:
+            return math.inf, (np.zeros(K) if need_grad else None)
         return obj, grad
 
     options: dict = {"maxiter": int(max_iter)}

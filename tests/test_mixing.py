@@ -295,3 +295,15 @@ def test_optimize_linear_black_box_float_loss(cands):
     res = optimize_linear(cands, lambda p: float(((p.numpy() - target) ** 2).mean()),
                           method="powell", l1=0.0)
     assert res.weights == pytest.approx([0.7, 0.0, 0.3], abs=2e-2)
+
+
+@pytest.mark.parametrize("method", ["lbfgs", "powell"])
+def test_optimize_linear_reports_every_evaluation(cands, method):
+    """on_eval (the progress bar's hook) sees each evaluation and the best objective so far."""
+    target = 0.7 * cands[0] + 0.3 * cands[2]
+    seen = []
+    res = optimize_linear(cands, mse_to(target), method=method, on_eval=lambda n, best: seen.append((n, best)))
+    assert [n for n, _ in seen] == list(range(1, res.n_evals + 1))
+    bests = [b for _, b in seen]
+    assert bests == sorted(bests, reverse=True) and bests[-1] == pytest.approx(res.objective)
+    assert bests == pytest.approx(np.minimum.accumulate(res.history).tolist())
