@@ -180,13 +180,14 @@ def task_check(name, data_dir, as_json):
 @click.option("--composer", "composer_kind", type=click.Choice(["none", "attention"]), default="none", show_default=True,
               help="--multitask: one attention module shared across tasks over the graph's source prompts.")
 @click.option("--save-prefix", help="--multitask: save each task's best prompt as PREFIX+TASK.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write the dev learning curve(s) as a PNG.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def train(ctx, task_name, model, head, prompt_length, init, mode, unfreeze, steps, batch_size, lr, model_lr, schedule,
           warmup, eval_every, max_eval, patience, k_shot, seed, label_temperature, temperature, mixed_precision,
           gradient_checkpointing, data_dir, save, run_dir, resume, multitask, graph_path, task_list, composer_kind,
-          save_prefix, quiet, as_json):
+          save_prefix, plot, quiet, as_json):
     """Tune a soft prompt (and, with --mode joint, the backbone) on TASK.
 
     \b
@@ -212,7 +213,7 @@ def train(ctx, task_name, model, head, prompt_length, init, mode, unfreeze, step
         if not cfg_file.exists():
             raise click.ClickException(f"--resume {resume}: no config.json there; is it a run folder?")
         resumed = json.loads(cfg_file.read_text())
-        extra = [flag(k) for k in ctx.params if k not in ("resume", "multitask", "quiet", "as_json")
+        extra = [flag(k) for k in ctx.params if k not in ("resume", "multitask", "plot", "quiet", "as_json")
                  and ctx.get_parameter_source(k) is click.core.ParameterSource.COMMANDLINE]
         if extra:
             raise click.UsageError(f"--resume {resume} goes on with the run's own settings (its config.json); "
@@ -224,7 +225,7 @@ def train(ctx, task_name, model, head, prompt_length, init, mode, unfreeze, step
         if resumed is None and not (graph_path or task_list):
             raise click.UsageError("--multitask needs --graph GRAPH or --tasks a,b,...")
         fields = {f.name for f in dataclasses.fields(MultiTaskConfig)}
-        own = {"multitask", "graph_path", "task_list", "composer_kind", "resume", "quiet", "as_json"}
+        own = {"multitask", "graph_path", "task_list", "composer_kind", "resume", "plot", "quiet", "as_json"}
         stray = [flag(k) for k in ctx.params if given(k) and k not in fields | own]
         if stray:
             hint = " (each task's prompt is saved with --save-prefix PREFIX)" if "--save" in stray else ""
@@ -236,6 +237,8 @@ def train(ctx, task_name, model, head, prompt_length, init, mode, unfreeze, step
             mcfg = MultiTaskConfig(tasks=task_list, graph=graph_path, composer=composer_kind,
                                    **{k: ctx.params[k] for k in fields & set(ctx.params) if given(k)})
         result = train_multitask(mcfg, library=_library(ctx), progress=not quiet, resume=resume)
+        if plot:
+            result["plot"] = _plot_curves(result["run_dir"], plot, "multitask: dev score per task", "dev score")
         if as_json:
             _emit(result, True)
             return
@@ -255,6 +258,9 @@ def train(ctx, task_name, model, head, prompt_length, init, mode, unfreeze, step
         fields = {f.name for f in dataclasses.fields(TrainConfig)}  # the command's defaults are TrainConfig's
         cfg = TrainConfig(task=task_name, **{k: ctx.params[k] for k in fields & set(ctx.params)})
     result = run_train(cfg, resume=resume, library=_library(ctx), progress=not quiet)
+    if plot:
+        result["plot"] = _plot_curves(result["run_dir"], plot, f"{result['task']}: dev {result['metric']}",
+                                      f"dev {result['metric']}", name=result["task"])
     if as_json:
         _emit(result, True)
         return
@@ -269,7 +275,16 @@ def train(ctx, task_name, model, head, prompt_length, init, mode, unfreeze, step
     if result.get("saved"):
         lines.append(f"  saved as '{result['saved']}' in {_library(ctx).root}")
     lines.append(f"  run folder: {result['run_dir']}")
+    if result.get("plot"):
+        lines.append(f"  learning curve: {result['plot']}")
     click.echo("\n".join(lines))
+
+
+def _plot_curves(run_dir: str, path: str, title: str, ylabel: str, name: str = "dev") -> str:
+    from composer.plots import learning_curves
+    from composer.runstate import read_curves
+
+    return str(learning_curves(read_curves(run_dir, name), path, title=title, ylabel=ylabel))
 
 
 # ---------------------------------------------------------------------------------------------- eval

@@ -188,3 +188,24 @@ class MixturePlan:
             out.append((t, self.streams[t].indices(counts[t])[0]))
             counts[t] += 1
         return out
+
+
+def read_curves(run_dir: str | Path, name: str = "dev") -> dict[str, tuple[list[int], list[float]]]:
+    """Dev score at each evaluated step, from a run folder's metrics.jsonl: {name: (steps, scores)} for a
+    single-task run, {task: (steps, scores)} for a multitask one. A step evaluated twice (a resumed run
+    redoes the steps after its last checkpoint) keeps its last value; a torn last line is skipped."""
+    per: dict[str, dict[int, float]] = {}
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise TrainingError(f"{run_dir}: no metrics.jsonl there; is it a run folder?")
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        ev = rec.get("eval")
+        if not ev:
+            continue
+        for key, r in ({name: ev} if "score" in ev else ev).items():
+            per.setdefault(key, {})[int(rec["step"])] = float(r["score"])
+    return {k: (sorted(v), [v[s] for s in sorted(v)]) for k, v in per.items()}

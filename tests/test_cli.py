@@ -43,8 +43,9 @@ def test_train_eval_library_round_trip(toy_task, tiny_bert_dir, tmp_path):
     show = jrun("library", "show", "toy-tiny")
     assert show["stats"]["shape"] == [4, 32] and show["task"] == "toy"
     text = run("train", toy_task, "--model", tiny_bert_dir, "--steps", 2, "--eval-every", 2, "--prompt-length", 4,
-               "--run-dir", tmp_path / "run2", "--quiet").stdout
+               "--run-dir", tmp_path / "run2", "--plot", tmp_path / "curve.png", "--quiet").stdout
     assert "dev accuracy: before" in text and "->" in text
+    assert f"learning curve: {tmp_path / 'curve.png'}" in text and (tmp_path / "curve.png").stat().st_size > 0
     run("library", "rm", "toy-tiny")
     assert jrun("library", "list")["prompts"] == []
 
@@ -102,8 +103,9 @@ def test_multitask_from_cli(toy_task, tiny_bert_dir, tmp_path):
     other = write_toy_task(tmp_path, name="toy2", seed=1)
     res = jrun("train", "--multitask", "--tasks", f"{toy_task},{other}", "--model", tiny_bert_dir, "--steps", 4,
                "--eval-every", 2, "--prompt-length", 4, "--batch-size", 8, "--temperature", 2, "--save-prefix", "mt-",
-               "--run-dir", tmp_path / "mt", "--quiet")
+               "--run-dir", tmp_path / "mt", "--plot", tmp_path / "mt.png", "--quiet")
     assert set(res["per_task"]) == {"toy", "toy2"}
+    assert res["plot"] == str(tmp_path / "mt.png") and (tmp_path / "mt.png").stat().st_size > 0
     assert sorted(p["name"] for p in jrun("library", "list")["prompts"]) == ["mt-toy", "mt-toy2"]
     bad = run("train", "--multitask", "--tasks", f"{toy_task},{other}", "--model", tiny_bert_dir, "--temperature", 0,
               ok=False)

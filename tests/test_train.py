@@ -232,3 +232,21 @@ def test_eval_scores_with_the_trained_label_temperature(toy_task, tiny_bert_dir,
     e = Library().load("hot")
     pm = from_library(e, load_backbone(str(tiny_bert_dir)), load_task(str(toy_task)))
     assert pm.head.kind == "label-similarity" and pm.head.temperature == 0.5
+
+
+def test_read_curves_single_multitask_resumed_and_torn(tmp_path):
+    from composer.runstate import read_curves
+
+    run = tmp_path / "one"
+    run.mkdir()
+    lines = [{"step": 0, "eval": {"score": 0.5}}, {"step": 5, "loss": 0.7}, {"step": 10, "eval": {"score": 0.6}},
+             {"step": 10, "eval": {"score": 0.65}}, {"step": 20, "eval": {"score": 0.7}}]  # 10 again: resumed
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + '\n{"step": 30, "ev')
+    assert read_curves(run, "toy") == {"toy": ([0, 10, 20], [0.5, 0.65, 0.7])}
+    multi = tmp_path / "multi"
+    multi.mkdir()
+    (multi / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval": {"a": {"score": 0.1}, "b": {"score": 0.2}},
+                                                     "mean": 0.15}) + "\n")
+    assert read_curves(multi) == {"a": ([0], [0.1]), "b": ([0], [0.2])}
+    with pytest.raises(TrainingError, match="no metrics.jsonl there"):
+        read_curves(tmp_path / "nowhere")
