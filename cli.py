@@ -513,7 +513,9 @@ def similarity(ctx, names, all_, metric, model, plot, as_json):
 @click.option("--l1", default=0.05, show_default=True, type=float, help="linear: L1 penalty on the weights.")
 @click.option("--temperature", type=float, help="average: softmax temperature (default: normalised weights); "
               "attention: default H*e.")
-@click.option("--steps", default=0, show_default=True, type=int, help="attention: fit the module on the shots first.")
+@click.option("--steps", default=0, show_default=True, type=int,
+              help="attention: fit the module on the shots first; best: tune each candidate this many steps on "
+                   "the shots before scoring it (SPoT).")
 @click.option("--distill", is_flag=True, help="attention: save one static prompt (the mean mixture), e.g. for PEFT.")
 @click.option("--model", help="Backbone (default: the candidates').")
 @click.option("--device", default="auto", show_default=True,

@@ -62,7 +62,9 @@ class ComposeConfig:
     temperature: float | None = None
     """average: softmax temperature (None: weights normalised by their sum); attention: None = H * e."""
     steps: int = 0
-    """attention: training steps of the module on the few-shot examples at compose time (0 = untrained)."""
+    """On the few-shot examples at compose time. attention: training steps of the module (0 = untrained).
+    best: prompt-tuning steps of each candidate before it is scored (SPoT's few-step ranking; 0 = each
+    candidate's zero-shot score). The saved prompt is the chosen candidate as it was."""
     lr: float = 0.3
     distill: bool = False
     """attention: save one static [P, H] prompt (the mean mixed prompt) instead of the module."""
@@ -84,6 +86,8 @@ class ComposeConfig:
             raise ComposeError(f"--top-k must be >= 0, got {self.top_k}")
         if self.shots <= 0:
             raise ComposeError(f"--shots must be positive, got {self.shots}")
+        if self.steps < 0:
+            raise ComposeError(f"--steps must be >= 0, got {self.steps}")
         if self.method not in ("lbfgs", "powell", "nelder-mead"):
             raise ComposeError(f"unknown --method {self.method!r}: use lbfgs, powell or nelder-mead")
         resolve_device(self.device)
@@ -260,7 +264,12 @@ def compose(cfg: ComposeConfig, library: Library | None = None, backbone: Backbo
         result["shots"] = len(shots)
         if cfg.strategy == "best":
             def score_fn(p):
-                return score(spec, predict(pm, shots, prompt=p), shots)["score"]
+                if cfg.steps <= 0:
+                    return score(spec, predict(pm, shots, prompt=p), shots)["score"]
+                tuned = build_model(bb, spec, p.clone(), seed=cfg.seed)
+                freeze_backbone(tuned)
+                _fit(tuned, shots, cfg.steps, cfg.lr, cfg.seed, what="tune a candidate")
+                return score(spec, predict(tuned, shots), shots)["score"]
 
             i, scores = mixing.pick_best(stack, score_fn)
             prompt = stack[i].clone()
@@ -330,8 +339,10 @@ def write_weights(G, target: str, cands: list[Candidate], weights: list[float], 
                 d[f"composed:{strategy}"] = float(w)
 
 
-def _fit(pm, enc: Encoded, steps: int, lr: float, seed: int, batch_size: int = 16) -> None:
-    """A few AdamW steps on the prompt-source parameters (attention module + target prompt)."""
+def _fit(pm, enc: Encoded, steps: int, lr: float, seed: int, batch_size: int = 16,
+         what: str = "fit the attention module") -> None:
+    """A few AdamW steps on what trains in ``pm`` (its prompt source: attention module + target prompt, or a
+    soft prompt)."""
     from composer.runstate import BatchPlan
 
     params = [p for p in pm.parameters() if p.requires_grad]
@@ -339,7 +350,7 @@ def _fit(pm, enc: Encoded, steps: int, lr: float, seed: int, batch_size: int = 1
     plan = BatchPlan(len(enc), min(batch_size, len(enc)), seed)
     pad = pm.bb.tokenizer.pad_token_id
     pm.train()
-    with _bar("compose: fit the attention module", "step", steps) as bar:
+    with _bar(f"compose: {what}", "step", steps) as bar:
         for s in range(steps):
             torch.manual_seed(seed * 1_000_003 + s)
             b = _to(enc.batch(plan.indices(s), pad), pm.device)

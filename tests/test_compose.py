@@ -186,3 +186,28 @@ def test_backbone_runs_where_device_says(setup, strategy, monkeypatch):
     want = "cuda" if torch.cuda.is_available() else "cpu"
     assert [next(bb.model.parameters()).device.type for bb in placed] == ["cpu", want]
     assert auto["weights"] == pytest.approx(on_cpu["weights"], abs=1e-3)
+
+
+def test_best_by_few_step_score(setup, monkeypatch):
+    """best with steps > 0 tunes each candidate on the shots before scoring it; it saves the candidate as it was."""
+    import composer.compose as C
+
+    lib, g, _ = setup
+    moved, real = [], C._fit
+
+    def spy(pm, enc, steps, *a, **kw):
+        before = pm.prompt_source.weight.detach().clone()
+        real(pm, enc, steps, *a, **kw)
+        moved.append((steps, len(enc), float((pm.prompt_source.weight.detach() - before).abs().max())))
+
+    monkeypatch.setattr(C, "_fit", spy)
+    tuned = compose(cc(g, strategy="best", steps=5, lr=0.5, save="toy-best5"))
+    assert len(moved) == 3 and all(s == 5 and n == 8 and d > 0 for s, n, d in moved)  # 4 shots x 2 classes
+    i = tuned["weights"].index(1.0)
+    assert len(tuned["scores"]) == 3 and tuned["scores"][i] == max(tuned["scores"])
+    assert torch.equal(lib.load("toy-best5").prompt, lib.load(["pos-p", "neg-p", "other-p"][i]).prompt)
+    assert compose(cc(g, strategy="best", steps=5, lr=0.5))["scores"] == tuned["scores"]  # seeded
+    compose(cc(g, strategy="best"))
+    assert len(moved) == 6  # steps=0: the zero-shot score, nothing tuned
+    with pytest.raises(ComposeError, match="--steps must be >= 0"):
+        cc(g, strategy="best", steps=-1)
