@@ -147,7 +147,8 @@ def task_check(name, data_dir, as_json):
 @click.argument("task_name", metavar="TASK", required=False)
 @click.option("--model", default="minilm", show_default=True,
               help="Backbone: alias (minilm, smollm2-135m), path or hub id (--multitask: the graph's, else minilm).")
-@click.option("--head", type=click.Choice(["verbalizer", "label-similarity", "mlm", "linear"]), help="Default: by family.")
+@click.option("--head", type=click.Choice(["verbalizer", "label-similarity", "mlm", "linear"]),
+              help="Default: label-similarity on encoders (mlm when the checkpoint has its MLM head), else verbalizer.")
 @click.option("--prompt-length", default=20, show_default=True, type=int)
 @click.option("--init", default="random", show_default=True, help="random | vocab | text | text:WORDS | library:NAME")
 @click.option("--mode", type=click.Choice(["prompt", "joint"]), default="prompt", show_default=True)

@@ -56,7 +56,7 @@ class TuningConfig:
     model: str | None = "minilm"
     """Backbone alias, local path or hub id."""
     head: str | None = None
-    """verbalizer | label-similarity | linear; None = the family default."""
+    """verbalizer | label-similarity | mlm | linear; None = the default for the backbone (see build.resolve_head)."""
     prompt_length: int = 20
     """P, the number of virtual tokens (ignored for library inits, which bring their own)."""
     init: str = "random"
