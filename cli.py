@@ -440,16 +440,18 @@ def graph_draw(graph_path, out):
 @click.option("--max-examples", default=300, show_default=True, type=int, help="transfer: dev examples per target.")
 @click.option("--data-dir", type=click.Path(file_okay=False), envvar="PROMPT_COMPOSER_DATA")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Where to write the linked graph (JSON).")
+@click.option("--device", default="auto", show_default=True,
+              help="transfer, on: where the backbone runs (auto: CUDA when there is one; cpu, cuda:N).")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def graph_link(ctx, graph_path, metric, top_k, targets, max_examples, data_dir, out, as_json):
+def graph_link(ctx, graph_path, metric, top_k, targets, max_examples, data_dir, out, device, as_json):
     """Add similar edges (top-k sources per target) measured from the library's prompts."""
     from composer import graph as G_
     from composer.transfer import link_graph
 
     G = G_.load_graph(graph_path)
     r = link_graph(G, _library(ctx), metric=metric, top_k=top_k, targets=list(targets) or None, data_dir=data_dir,
-                   max_examples=max_examples)
+                   max_examples=max_examples, device=device)
     G_.save_graph(G, out)
     r["out"] = out
     if as_json:
@@ -468,10 +470,12 @@ def graph_link(ctx, graph_path, metric, top_k, targets, max_examples, data_dir, 
 @click.option("--all", "all_", is_flag=True, help="Every prompt in the library.")
 @click.option("--metric", default="cos-avg", show_default=True, help="cos-avg | euclid-avg | cos-tok | euclid-tok | on")
 @click.option("--model", help="Backbone for --metric on (default: the prompts').")
+@click.option("--device", default="auto", show_default=True,
+              help="--metric on: where the backbone runs (auto: CUDA when there is one; cpu, cuda:N).")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a heatmap PNG.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def similarity(ctx, names, all_, metric, model, plot, as_json):
+def similarity(ctx, names, all_, metric, model, device, plot, as_json):
     """All-pairs similarity of library prompts.
 
     \b
@@ -488,7 +492,8 @@ def similarity(ctx, names, all_, metric, model, plot, as_json):
     names = list(lib.names() if all_ else names)
     if len(names) < 2:
         raise click.UsageError("name two or more prompts, or pass --all")
-    m = similarity_matrix(lib, names, metric, backbone=load_backbone(model) if model else None)
+    m = similarity_matrix(lib, names, metric, backbone=load_backbone(model, device=device) if model else None,
+                          device=device)
     d = {"metric": metric, "names": names, "matrix": [[round(float(x), 6) for x in row] for row in m]}
     if plot:
         from composer.plots import similarity_heatmap

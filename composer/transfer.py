@@ -72,7 +72,8 @@ def activation_masks(entries, backbone: Backbone, probe: tuple[torch.Tensor, tor
 
 
 def similarity_matrix(library: Library, names: list[str], metric: str = "cos-avg",
-                      backbone: Backbone | None = None, others: list[str] | None = None) -> torch.Tensor:
+                      backbone: Backbone | None = None, others: list[str] | None = None,
+                      device: str = "cpu") -> torch.Tensor:
     """[N, M] similarity of the prompts ``names`` to ``others`` (default: to themselves)."""
     check_metric(metric)
     a = _load(library, names)
@@ -83,7 +84,7 @@ def similarity_matrix(library: Library, names: list[str], metric: str = "cos-avg
             if len(bbs) != 1 or None in bbs:
                 raise ComposerError(f"the 'on' metric runs the backbone; these prompts come from {sorted(map(str, bbs))}: "
                                     "pass --model")
-            backbone = load_backbone(bbs.pop())
+            backbone = load_backbone(bbs.pop(), device=device)
         ma = activation_masks(a, backbone)
         mb = activation_masks(b, backbone) if others is not None else None
         return pairwise(ma, mb, metric="on")
@@ -141,7 +142,8 @@ def transfer_matrix(library: Library, prompts: list[str], tasks: list[str], mode
 
 
 def link_graph(G, library: Library, metric: str = "cos-avg", top_k: int = 3, targets: list[str] | None = None,
-               data_dir=None, max_examples: int | None = 300, backbone: Backbone | None = None) -> dict:
+               data_dir=None, max_examples: int | None = 300, backbone: Backbone | None = None,
+               device: str = "cpu") -> dict:
     """For each target: score every other node that has a library prompt, keep the top-k as similar edges.
 
     Prompt metrics need the target's own prompt (e.g. a short few-shot run); ``transfer`` does not: it
@@ -164,7 +166,7 @@ def link_graph(G, library: Library, metric: str = "cos-avg", top_k: int = 3, tar
         if metric == "transfer":
             spec = load_task(G.nodes[t].get("task") or t)
             if backbone is None:
-                backbone = load_backbone(library.meta(have[cands[0]]).get("backbone"))
+                backbone = load_backbone(library.meta(have[cands[0]]).get("backbone"), device=device)
             r = transfer_matrix(library, [have[c] for c in cands], [spec.name], data_dir=data_dir,
                                 max_examples=max_examples, backbone=backbone)
             scores = {c: row[0] for c, row in zip(cands, r["scores"])}
@@ -172,7 +174,8 @@ def link_graph(G, library: Library, metric: str = "cos-avg", top_k: int = 3, tar
             if t not in have:
                 skipped[t] = f"its prompt {G.nodes[t].get('prompt')!r} is not in the library (train it, or use --metric transfer)"
                 continue
-            sim = similarity_matrix(library, [have[t]], metric, backbone=backbone, others=[have[c] for c in cands])[0]
+            sim = similarity_matrix(library, [have[t]], metric, backbone=backbone, others=[have[c] for c in cands],
+                                    device=device)[0]
             scores = {c: float(s) for c, s in zip(cands, sim)}
         G_.link(G, t, scores, metric, top_k)
         linked[t] = dict(sorted(scores.items(), key=lambda kv: -kv[1]))

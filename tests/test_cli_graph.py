@@ -47,7 +47,7 @@ def test_similarity_json_and_plot(lib_graph, tmp_path):
     torch.testing.assert_close(m, m.T) and torch.testing.assert_close(m.diag(), torch.ones(3))
     assert m[0, 1] > 0.99 and m[0, 1] > m[0, 2]  # b is a rescaled a: cosine ignores the scale
     assert (tmp_path / "s.png").stat().st_size > 1000
-    on = json.loads(run("similarity", "--all", "--metric", "on", "--json").stdout)
+    on = json.loads(run("similarity", "--all", "--metric", "on", "--device", "cpu", "--json").stdout)
     assert len(on["names"]) == 4 and all(0 <= x <= 1.0001 for row in on["matrix"] for x in row)
 
 
@@ -87,6 +87,9 @@ def test_bad_inputs(lib_graph, tmp_path):
     assert "--top-k must be a whole number >= 1, got 0" in err(run("graph", "link", y, "--top-k", 0, "--out",
                                                                    tmp_path / "x.json", ok=False))
     assert "no prompt 'ghost' in the library" in err(run("similarity", "a-p", "ghost", ok=False))
+    for args in (["similarity", "--all", "--metric", "on"], ["graph", "link", y, "--metric", "transfer", "--out",
+                                                              tmp_path / "x.json"]):
+        assert "bad --device 'tpu'" in err(run(*args, "--device", "tpu", ok=False))
     bad = tmp_path / "bad.yaml"
     bad.write_text("nodes: [unclosed")
     assert "bad.yaml" in err(run("graph", "show", bad, ok=False))
