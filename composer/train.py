@@ -152,6 +152,11 @@ class TrainConfig(TuningConfig):
     save: str | None = None
     """Library name for the result."""
 
+    def __post_init__(self):
+        if not self.model:
+            raise TrainingError("a single-task run needs a backbone: give --model (e.g. minilm)")
+        super().__post_init__()
+
 
 # -- which backbone weights train ---------------------------------------------------------------
 _LAYER = re.compile(r"\.(?:layer|layers|h|block)\.(\d+)\.")

@@ -132,6 +132,9 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(toy_task, tiny_ber
     ({"unfreeze": "last:x"}, "bad --unfreeze 'last:x'"),
     ({"mode": "sideways"}, "unknown --mode 'sideways'"),
     ({"warmup": 1.5}, "--warmup is a fraction"),
+    ({"model": None}, "needs a backbone: give --model"),
+    ({"mixed_precision": "fp8"}, "unknown --mixed-precision 'fp8'"),
+    ({"patience": -1}, "--patience must be >= 0"),
 ])
 def test_bad_config(kw, msg):
     with pytest.raises(TrainingError, match=msg):
