@@ -28,6 +28,7 @@ from composer.build import Encoded, build_model, encode_split, freeze_backbone
 from composer.errors import ComposeError
 from composer.evaluate import predict, score
 from composer.library import Library
+from composer.runstate import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -91,15 +92,6 @@ class ComposeConfig:
         if self.method not in ("lbfgs", "powell", "nelder-mead"):
             raise ComposeError(f"unknown --method {self.method!r}: use lbfgs, powell or nelder-mead")
         resolve_device(self.device)
-
-
-def _bar(desc: str, unit: str, total: int | None = None):
-    """A progress bar on stderr, shown only on a terminal (not in logs)."""
-    import sys
-
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=False, disable=None)
 
 
 def _to(batch: dict, device: torch.device) -> dict:
@@ -258,7 +250,7 @@ def compose(cfg: ComposeConfig, library: Library | None = None, backbone: Backbo
         weights = wt.tolist()
     else:
         shots = _few_shot(spec, bb, cfg.shots, cfg.seed, cfg.data_dir)
-        pm = build_model(bb, spec, stack[0].clone(), seed=cfg.seed).to(device)
+        pm = build_model(bb, spec, stack[0].clone(), seed=cfg.seed)  # where the backbone is
         freeze_backbone(pm)
         pm.eval()  # deterministic scores while choosing
         result["shots"] = len(shots)
@@ -282,7 +274,7 @@ def compose(cfg: ComposeConfig, library: Library | None = None, backbone: Backbo
             def loss_fn(p):
                 return F.cross_entropy(pm(b["input_ids"], b["attention_mask"], prompt=p).float(), b["labels"])
 
-            with _bar(f"compose {cfg.target}: linear ({cfg.method})", "eval") as bar:
+            with progress_bar(f"compose {cfg.target}: linear ({cfg.method})", unit="eval") as bar:
                 def tick(n, best):
                     bar.update(1)
                     bar.set_postfix(objective=f"{best:.4g}", refresh=False)
@@ -297,7 +289,7 @@ def compose(cfg: ComposeConfig, library: Library | None = None, backbone: Backbo
                             res.message, res.loss)
         else:  # attention
             comp = AttentionComposer(stack, temperature=cfg.temperature, seed=cfg.seed)
-            pm = build_model(bb, spec, MixtureSource(comp), seed=cfg.seed).to(device)
+            pm = build_model(bb, spec, MixtureSource(comp), seed=cfg.seed)
             freeze_backbone(pm)
             if cfg.steps > 0:
                 _fit(pm, shots, cfg.steps, cfg.lr, cfg.seed)
@@ -350,7 +342,7 @@ def _fit(pm, enc: Encoded, steps: int, lr: float, seed: int, batch_size: int = 1
     plan = BatchPlan(len(enc), min(batch_size, len(enc)), seed)
     pad = pm.bb.tokenizer.pad_token_id
     pm.train()
-    with _bar(f"compose: {what}", "step", steps) as bar:
+    with progress_bar(f"compose: {what}", steps) as bar:
         for s in range(steps):
             torch.manual_seed(seed * 1_000_003 + s)
             b = _to(enc.batch(plan.indices(s), pad), pm.device)

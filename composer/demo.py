@@ -59,14 +59,10 @@ def model_slug(model: str) -> str:
 
 
 def read_curve(run_dir: Path) -> tuple[list[int], list[float]]:
-    """(steps, dev scores) of a run's evaluations, from its metrics.jsonl."""
-    steps, scores = [], []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "eval" in rec:
-            steps.append(rec["step"])
-            scores.append(rec["eval"]["score"])
-    return steps, scores
+    """(steps, dev scores) of a single-task run's evaluations, from its metrics.jsonl."""
+    from composer.runstate import read_curves
+
+    return read_curves(run_dir).get("dev", ([], []))
 
 
 def steps_to_reach(curve: tuple[list[int], list[float]], level: float) -> int | None:

@@ -81,9 +81,8 @@ class PromptedModel(nn.Module):
         """Last hidden states of the encoder side (or the decoder stack): [B, T, H]."""
         if self.family == "encoder-decoder":
             return self.backbone.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-        if self.family == "decoder":
-            return self.backbone.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-        # base_model: the encoder itself, also when it was loaded with its masked-LM head
+        # base_model: the stack under the LM head (decoders, encoders loaded with their masked-LM head); a bare
+        # encoder is its own base model
         return self.backbone.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,

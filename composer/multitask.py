@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +55,7 @@ from composer.model import MultiTaskModel, set_activation_checkpointing
 from composer.runstate import (
     MixturePlan,
     load_checkpoint,
+    progress_bar,
     load_trainable,
     lr_lambda,
     recover_dir,
@@ -347,10 +347,7 @@ def train_multitask(cfg: MultiTaskConfig, library: Library | None = None, progre
 
     bar = None
     if progress and acc.is_main_process:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=state["step"], desc=f"multitask {len(keys)} tasks",
-                   file=sys.stderr, dynamic_ncols=True, leave=False, disable=None)  # None: only on a terminal
+        bar = progress_bar(f"multitask {len(keys)} tasks", cfg.steps, initial=state["step"])
     if state["step"] == 0 and not state["best"]:
         # the init is a candidate like any checkpoint (as in train.py): a library prompt may already be best
         r0 = do_eval(0)

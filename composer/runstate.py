@@ -209,3 +209,13 @@ def read_curves(run_dir: str | Path, name: str = "dev") -> dict[str, tuple[list[
         for key, r in ({name: ev} if "score" in ev else ev).items():
             per.setdefault(key, {})[int(rec["step"])] = float(r["score"])
     return {k: (sorted(v), [v[s] for s in sorted(v)]) for k, v in per.items()}
+
+
+def progress_bar(desc: str, total: int | None = None, initial: int = 0, unit: str = "step"):
+    """The progress bar of long work: on stderr, only on a terminal (not in logs), gone when done."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
+                leave=False, disable=None)

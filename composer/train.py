@@ -14,7 +14,6 @@ import dataclasses
 import json
 import logging
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from composer.runstate import (
     load_checkpoint,
     load_trainable,
     lr_lambda,
+    progress_bar,
     recover_dir,
     save_checkpoint,
     save_trainable,
@@ -322,10 +322,7 @@ def train(cfg: TrainConfig, prepared: Prepared | None = None, resume: str | Path
 
     bar = None
     if progress and acc.is_main_process:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=state["step"], desc=f"train {prep.spec.name}", file=sys.stderr,
-                   dynamic_ncols=True, leave=False, disable=None)  # None: only on a terminal, not in logs
+        bar = progress_bar(f"train {prep.spec.name}", cfg.steps, initial=state["step"])
     if state["step"] == 0 and state["best"] is None:
         # the init is a candidate like any checkpoint: a composed prompt may already beat what tuning reaches
         r0 = do_eval(0)

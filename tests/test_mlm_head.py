@@ -6,10 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from composer.backbones import load_backbone, wrap
-from composer.build import build_model, freeze_backbone, init_prompt, resolve_head
+from composer.build import resolve_head
 from composer.errors import ComposerError, TaskError
 from composer.heads import insert_at
 from tests.test_model import batch, spec
+from tests.test_model import make as make_pm
 
 KW = dict(vocab_size=30522, hidden_size=32, num_attention_heads=4, intermediate_size=64, max_position_embeddings=256)
 
@@ -27,11 +28,8 @@ def tiny_mlm(kind: str):
                                                       hidden_dim=64, max_position_embeddings=256))
 
 
-def make(bb, words=(" bad", " good"), P=4):
-    p, _ = init_prompt("random", P, bb, spec(words), seed=0)
-    pm = build_model(bb, spec(words), p)  # no head given: an encoder with its MLM head defaults to mlm
-    freeze_backbone(pm)
-    return pm.eval()
+def make(bb, words=(" bad", " good")):
+    return make_pm(bb, words).eval()  # no head given: an encoder with its MLM head defaults to mlm
 
 
 def test_insert_at_shifts_the_rest_right():
