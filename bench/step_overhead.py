@@ -28,6 +28,10 @@ numbers; during timing it checks after every step that the arm's prompt moved.
 Run (2 CPU cores):
     python bench/step_overhead.py --models minilm,smollm2-135m --threads 2 --repeats 30,20 \\
         --warmup 5,3 --out bench/step_overhead.json
+
+On a GPU, ``--device cuda`` (``--mixed-precision bf16`` for bf16 autocast in every arm, as
+``prompt-composer train --mixed-precision bf16`` runs): each step is timed between two
+``torch.cuda.synchronize()`` calls, and the table adds each arm's peak GPU memory in a step.
 """
 from __future__ import annotations
 
@@ -94,7 +98,7 @@ def splice(prompt: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor, after
 class ComposerArm:
     """(a): everything built by composer's own helpers; step() is the body of composer/train.py's loop."""
 
-    def __init__(self, bb, P: int, B: int, lr: float, steps: int):
+    def __init__(self, bb, P: int, B: int, lr: float, steps: int, precision: str = "no"):
         from accelerate import Accelerator
 
         from composer.runstate import lr_lambda
@@ -103,7 +107,7 @@ class ComposerArm:
         self.cfg = TrainConfig(task=TASK, model=bb.name, prompt_length=P, batch_size=B, lr=lr, steps=steps,
                                warmup=0.0, schedule="constant", seed=0)
         self.prep = prepare(self.cfg, backbone=bb)  # task data, random init prompt, default head, model
-        self.acc = Accelerator(cpu=True, mixed_precision="no")
+        self.acc = Accelerator(cpu=bb_device(bb).type == "cpu", mixed_precision=precision)
         model = self.prep.model
         self.optimizer = torch.optim.AdamW(_param_groups(self.cfg, model))  # freezes the backbone
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -147,6 +151,10 @@ class Loss:
     label_emb: torch.Tensor | None  # [C, H] unit label-description embeddings (encoders)
     temperature: float
     max_grad_norm: float
+    precision: str = "no"  # "bf16": the backbone's forward under bf16 autocast, as accelerate's in (a)
+
+    def autocast(self, device: torch.device):
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     def __call__(self, out, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """out: the backbone's output; mask [B, P+T]; labels [B]."""
@@ -194,7 +202,8 @@ class PeftArm:
         return self.model.prompt_encoder["default"].embedding.weight
 
     def loss(self, ids, mask, labels) -> torch.Tensor:
-        out = self.model(input_ids=ids, attention_mask=mask, **self.loss_fn.kwargs())
+        with self.loss_fn.autocast(ids.device):
+            out = self.model(input_ids=ids, attention_mask=mask, **self.loss_fn.kwargs())
         full = torch.cat([mask.new_ones(mask.shape[0], self.P), mask], 1)  # [B, P+T], as PEFT builds it
         return self.loss_fn(out, full, labels)
 
@@ -219,7 +228,9 @@ class BareArm:
         model = self.bb.model
         embeds = model.get_input_embeddings()(ids)  # [B, T, H]
         x, m = splice(self.weight, embeds, mask, after_first)  # [B, P+T, H], [B, P+T]
-        return self.loss_fn(model(inputs_embeds=x, attention_mask=m, **self.loss_fn.kwargs()), m, labels)
+        with self.loss_fn.autocast(ids.device):
+            out = model(inputs_embeds=x, attention_mask=m, **self.loss_fn.kwargs())
+        return self.loss_fn(out, m, labels)
 
     def step(self, ids, mask, labels) -> torch.Tensor:
         return update(self.loss(ids, mask, labels), [self.weight], self.optimizer, self.loss_fn.max_grad_norm)
@@ -236,8 +247,13 @@ def _loss_and_grad(arm, ids, mask, labels, **kw) -> tuple[float, torch.Tensor]:
     return loss.item(), g
 
 
-def check_arms(bb, arms: dict, ids, mask, labels, P: int) -> dict:
-    """Same function, same-size work, same number of trainable numbers. Dropout off while checking."""
+def check_arms(bb, arms: dict, ids, mask, labels, P: int, bf16: bool = False) -> dict:
+    """Same function, same-size work, same number of trainable numbers. Dropout off while checking.
+
+    Under bf16 autocast the arms' kernels round differently (the splice order differs, PEFT's too), so the
+    losses and gradients are compared at bf16's resolution: the loss to 2%, the gradient by its relative
+    error ||g - g_ref|| / ||g_ref|| <= 0.1 (elementwise closeness fails on bf16's noise in small entries).
+    """
     B, T = ids.shape
     H = bb.hidden_size
     for k, arm in arms.items():
@@ -268,6 +284,9 @@ def check_arms(bb, arms: dict, ids, mask, labels, P: int) -> dict:
         bb.model.train(was_training)
 
     def close(x, y):
+        if bf16:
+            rel = ((x[1] - y[1]).norm() / y[1].norm().clamp(min=1e-12)).item()
+            return abs(x[0] - y[0]) <= 2e-2 * max(1.0, abs(y[0])) and rel <= 0.1
         same_loss = abs(x[0] - y[0]) <= 1e-4 * max(1.0, abs(y[0]))
         return same_loss and torch.allclose(x[1], y[1], rtol=1e-3, atol=1e-6)
 
@@ -287,39 +306,50 @@ def bench_model(name: str, args, repeats: int, warmup: int) -> dict:
 
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
-    bb = load_backbone(name)
+    bb = load_backbone(name, device=args.device)
     load_s = time.perf_counter() - t0
+    dev = bb_device(bb)
+    cuda = dev.type == "cuda"
     B, T, P = args.batch_size, args.seq_len, args.prompt_length
-    a = ComposerArm(bb, P, B, args.lr, steps=warmup + repeats + 10)
+    a = ComposerArm(bb, P, B, args.lr, steps=warmup + repeats + 10, precision=args.mixed_precision)
     head = a.core.head
-    ids, mask, labels = fixed_batch(a.prep.train, bb.tokenizer, bb.family, B, T)
+    ids, mask, labels = (x.to(dev) for x in fixed_batch(a.prep.train, bb.tokenizer, bb.family, B, T))
     label_ids = label_emb = None
     if head.kind == "verbalizer":
         assert head.single, "the benchmark's decoder loss needs single-token label words"
-        label_ids = torch.tensor([t[0] for t in head.label_token_ids])
+        label_ids = torch.tensor([t[0] for t in head.label_token_ids], device=dev)
     elif head.kind == "label-similarity":
         with torch.no_grad():
             label_emb = head.label_embeddings(a.core).detach().clone()  # [C, H], encoded once (frozen)
     else:
         raise SystemExit(f"{name}: default head {head.kind} is not benchmarked")
     init = a.prompt().detach().clone()
-    loss = Loss(bb.family == "decoder", label_ids, label_emb, a.cfg.label_temperature, a.cfg.max_grad_norm)
+    loss = Loss(bb.family == "decoder", label_ids, label_emb, a.cfg.label_temperature, a.cfg.max_grad_norm,
+                precision=args.mixed_precision)
     arms = {"a": a, "b": PeftArm(bb, P, init, args.lr, loss),
             "c": BareArm(bb, init, args.lr, loss, after_first=a.core.after_first)}
-    checks = check_arms(bb, arms, ids, mask, labels, P)
+    checks = check_arms(bb, arms, ids, mask, labels, P, bf16=args.mixed_precision == "bf16")
 
     # train mode for the shared backbone, as train.py's model.train(); --no-dropout: eval mode for all
     a.model.train(not args.no_dropout)
     times = {k: [] for k in ARMS}
     losses = {k: [] for k in ARMS}
+    peak = {k: 0 for k in ARMS}  # bytes, the most any one step of the arm held on the GPU
     for r in range(warmup + repeats):
         for k in ARMS:  # a, b, c, a, b, c, ...: drift hits every arm alike
             arm = arms[k]
             before = arm.prompt().detach().clone()
             gc.collect()
+            if cuda:
+                torch.cuda.synchronize(dev)
+                torch.cuda.reset_peak_memory_stats(dev)
             t = time.perf_counter()
             loss = arm.step(ids, mask, labels)
+            if cuda:
+                torch.cuda.synchronize(dev)
             dt = time.perf_counter() - t
+            if cuda:
+                peak[k] = max(peak[k], torch.cuda.max_memory_allocated(dev))
             assert not torch.equal(before, arm.prompt().detach()), f"({k}) step {r} left its prompt unchanged"
             losses[k].append(float(loss))
             if r >= warmup:
@@ -334,10 +364,12 @@ def bench_model(name: str, args, repeats: int, warmup: int) -> dict:
         stats[k] = {"median_ms": med * 1e3, "q1_ms": q1 * 1e3, "q3_ms": q3 * 1e3, "iqr_ms": (q3 - q1) * 1e3,
                     "times_ms": [x * 1e3 for x in times[k]], "loss_first": losses[k][0],
                     "loss_last": losses[k][-1]}
+        if cuda:
+            stats[k]["peak_mib"] = peak[k] / 2**20
     paired = {f"{x}/{y}": statistics.median(p / q for p, q in zip(times[x], times[y]))
               for x, y in (("a", "b"), ("a", "c"))}
     out = {"model": name, "family": bb.family, "head": head.kind, "hidden": bb.hidden_size,
-           "B": B, "T": T, "P": P,
+           "B": B, "T": T, "P": P, "device": str(dev), "mixed_precision": args.mixed_precision,
            "repeats": repeats, "warmup": warmup, "dropout": not args.no_dropout, "load_s": round(load_s, 1),
            "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # before load, after timing
            "checks": checks, "arms": stats,
@@ -377,28 +409,39 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def bb_device(bb) -> torch.device:
+    return next(bb.model.parameters()).device
+
+
 def environment(threads: int) -> dict:
     import peft
     import transformers
 
     return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
             "python": platform.python_version(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
-            "threads": threads, "interop_threads": torch.get_num_interop_threads()}
+            "threads": threads, "interop_threads": torch.get_num_interop_threads(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def markdown(results: list[dict], env: dict, command: str) -> str:
+    gpu = any(r["device"].startswith("cuda") for r in results)
+
     def cell(s):
-        return f"{s['median_ms']:.1f} ({s['q1_ms']:.1f}–{s['q3_ms']:.1f})"
+        mem = f"; {s['peak_mib']:.0f} MiB" if "peak_mib" in s else ""
+        return f"{s['median_ms']:.1f} ({s['q1_ms']:.1f}–{s['q3_ms']:.1f}){mem}"
 
     lines = [
         f"`{command}`",
         "",
         f"torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}; CPU {env['cpu']} "
-        f"({env['cpu_count']} logical), torch threads {env['threads']}.",
+        f"({env['cpu_count']} logical), torch threads {env['threads']}"
+        + (f"; GPU {env['gpu']}" if gpu else "")
+        + (f"; {results[0]['mixed_precision']} autocast" if results[0]["mixed_precision"] != "no" else "") + ".",
         "Median ms per training step (25th–75th percentile); a/b and a/c are ratios of medians "
         "[median of the per-repeat paired ratios]. Load = 1-minute load average before / after the model's "
         "run "
-        "(other processes on the machine compete for the same cores).",
+        "(other processes on the machine compete for the same cores)."
+        + (" On the GPU each cell adds the arm's peak memory allocated in a step." if gpu else ""),
         "",
         "| backbone | B × T, P | repeats | (a) prompt-composer | (b) PEFT PromptTuning | (c) bare backbone "
         "| a/b | a/c | load |",
@@ -438,6 +481,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-dropout", action="store_true", help="time the backbone in eval mode (all arms)")
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
                     help="after timing, run torch.profiler over STEPS steps of each arm (tables on stderr)")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (default cpu)")
+    ap.add_argument("--mixed-precision", choices=("no", "bf16"), default="no",
+                    help="bf16 autocast in every arm (GPU)")
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     args = ap.parse_args(argv)
 

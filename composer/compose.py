@@ -28,6 +28,7 @@ from composer.build import Encoded, build_model, encode_split, freeze_backbone
 from composer.errors import ComposeError
 from composer.evaluate import predict, score
 from composer.library import Library
+from composer.model import attention_kernels
 from composer.runstate import progress_bar
 
 log = logging.getLogger(__name__)
@@ -347,7 +348,8 @@ def _fit(pm, enc: Encoded, steps: int, lr: float, seed: int, batch_size: int = 1
             torch.manual_seed(seed * 1_000_003 + s)
             b = _to(enc.batch(plan.indices(s), pad), pm.device)
             loss = F.cross_entropy(pm(b["input_ids"], b["attention_mask"]).float(), b["labels"])
-            loss.backward()
+            with attention_kernels(pm.device):
+                loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)

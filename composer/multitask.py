@@ -51,7 +51,7 @@ from composer.encoding import pad_batch
 from composer.errors import TrainingError
 from composer.evaluate import evaluate
 from composer.library import Library, check_compatible
-from composer.model import MultiTaskModel, set_activation_checkpointing
+from composer.model import MultiTaskModel, attention_kernels, set_activation_checkpointing
 from composer.runstate import (
     MixturePlan,
     load_checkpoint,
@@ -370,7 +370,8 @@ def train_multitask(cfg: MultiTaskConfig, library: Library | None = None, progre
             if not finite.item():
                 raise TrainingError(f"loss became {loss.item()} at step {step}; the last good checkpoint is "
                                     f"in {ckpt} (lower --lr, currently {cfg.lr})")
-            acc.backward(loss)
+            with attention_kernels(acc.device):
+                acc.backward(loss)
             if cfg.max_grad_norm:
                 acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             optimizer.step()

@@ -28,7 +28,7 @@ from composer.build import Encoded, build_model, encode_split, freeze_backbone, 
 from composer.errors import ComposerError, TrainingError
 from composer.evaluate import evaluate
 from composer.library import Library
-from composer.model import set_activation_checkpointing
+from composer.model import attention_kernels, set_activation_checkpointing
 from composer.runstate import (
     BatchPlan,
     load_checkpoint,
@@ -348,7 +348,8 @@ def train(cfg: TrainConfig, prepared: Prepared | None = None, resume: str | Path
             if not finite.item():
                 raise TrainingError(f"loss became {loss.item()} at step {step}; the last good checkpoint is in "
                                     f"{ckpt} (lower --lr, currently {cfg.lr})")
-            acc.backward(loss)
+            with attention_kernels(acc.device):
+                acc.backward(loss)
             if cfg.max_grad_norm:
                 acc.clip_grad_norm_(trainable, cfg.max_grad_norm)
             optimizer.step()

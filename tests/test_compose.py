@@ -168,7 +168,9 @@ def test_bad_device_is_refused_before_loading(setup, device, msg):
 @pytest.mark.parametrize("strategy", ["best", "linear", "attention"])
 def test_backbone_runs_where_device_says(setup, strategy, monkeypatch):
     """auto picks CUDA when there is one (else the CPU); every strategy that runs the model gives the same weights
-    on the device it picked as on the CPU."""
+    on the device it picked as on the CPU, up to float rounding: on CUDA the two tuning steps' Adam updates
+    round differently (about 1e-3 in the weights), and best's few-step scores are accuracies on the shots,
+    which may differ there by a shot or two and so flip a near-tie."""
     import composer.compose as C
 
     _, g, _ = setup
@@ -185,7 +187,14 @@ def test_backbone_runs_where_device_says(setup, strategy, monkeypatch):
     auto = compose(cc(g, strategy=strategy, device="auto", steps=2))
     want = "cuda" if torch.cuda.is_available() else "cpu"
     assert [next(bb.model.parameters()).device.type for bb in placed] == ["cpu", want]
-    assert auto["weights"] == pytest.approx(on_cpu["weights"], abs=1e-3)
+    if want == "cpu":  # the same device twice: the same numbers
+        assert auto == on_cpu
+    elif strategy == "best":
+        shot = 1 / on_cpu["shots"]
+        assert auto["scores"] == pytest.approx(on_cpu["scores"], abs=2 * shot + 1e-9)
+        assert auto["weights"][max(range(len(auto["scores"])), key=auto["scores"].__getitem__)] == 1.0
+    else:
+        assert auto["weights"] == pytest.approx(on_cpu["weights"], abs=1e-2)
 
 
 def test_best_by_few_step_score(setup, monkeypatch):

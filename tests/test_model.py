@@ -240,3 +240,19 @@ def test_gradient_checkpointing_gives_the_same_prompt_gradient(tiny_backbone, to
         assert not any(getattr(m, "gradient_checkpointing", False) for m in pm.backbone.modules())
     assert grads[1].abs().sum() > 0
     torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+
+
+def test_attention_kernels_keep_cuda_attention_off_cudnn():
+    """On CUDA the context leaves cuDNN's attention out (a new plan per sequence length) and keeps the others;
+    afterwards the process's own settings are back; elsewhere it changes nothing."""
+    from composer.model import attention_kernels
+
+    b = torch.backends.cuda
+    before = (b.cudnn_sdp_enabled(), b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.math_sdp_enabled())
+    with attention_kernels("cuda"):
+        assert not b.cudnn_sdp_enabled()
+        assert b.flash_sdp_enabled() and b.mem_efficient_sdp_enabled() and b.math_sdp_enabled()
+    with attention_kernels("cpu"):
+        assert b.cudnn_sdp_enabled() == before[0]
+    assert (b.cudnn_sdp_enabled(), b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(),
+            b.math_sdp_enabled()) == before

@@ -293,7 +293,7 @@ def test_attention_module_is_shared_across_tasks(tasks, tiny_bert_dir, tmp_path)
     prov = e.meta["provenance"]
     assert prov["strategy"] == "attention" and prov["multitask"] == ["toy", "toy3"]
     src = load_source(e)  # the composer, shared module included, loads back as a prompt source
-    torch.testing.assert_close(src.composer.down.weight, mp.model.shared["down"].weight.detach())
+    torch.testing.assert_close(src.composer.down.weight, mp.model.shared["down"].weight.detach().cpu())
 
 
 def test_gradient_checkpointing_run_matches(tasks, tiny_bert_dir, tmp_path):
