@@ -64,7 +64,8 @@ from composer.runstate import (
     shard,
     trainable_state,
 )
-from composer.train import Prepared, TrainConfig, TuningConfig, _param_groups, _subset, save_to_library
+from composer.train import (Prepared, TrainConfig, TuningConfig, _param_groups, _subset, make_accelerator,
+                            save_to_library)
 
 log = logging.getLogger(__name__)
 
@@ -279,12 +280,8 @@ def train_multitask(cfg: MultiTaskConfig, library: Library | None = None, progre
                     prepared: MultiPrepared | None = None, resume: str | Path | None = None,
                     accelerator=None) -> dict:
     """Train every task at once, keep each task's best dev checkpoint, save each to the library."""
-    from accelerate import Accelerator, DistributedDataParallelKwargs
-
     # a process whose share of a batch lacks a task leaves that task's prompt unused: DDP must allow it
-    cuda = torch.cuda.is_available()
-    acc = accelerator or Accelerator(mixed_precision=cfg.mixed_precision if cuda else "no", cpu=not cuda,
-                                     kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    acc = accelerator or make_accelerator(cfg.mixed_precision, find_unused_parameters=True)
     library = library or Library()
     torch.manual_seed(cfg.seed)
     if prepared is None:

@@ -265,15 +265,30 @@ def _param_groups(cfg: TrainConfig, model) -> list[dict]:
     return groups
 
 
+def make_accelerator(mixed_precision: str, find_unused_parameters: bool):
+    """The run's Accelerator: CUDA with ``mixed_precision`` when there is a GPU, else the CPU in fp32.
+
+    accelerate keeps one state per process and refuses an Accelerator whose precision differs from the first
+    one's; a single process (a notebook, a benchmark) may train in fp32 and then in bf16, so there the state an
+    earlier run left is dropped first. Under a distributed launch the state is the launcher's and stays.
+    """
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.state import AcceleratorState, PartialState
+
+    cuda = torch.cuda.is_available()
+    precision = mixed_precision if cuda else "no"
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", precision) != precision and PartialState().num_processes == 1:
+        AcceleratorState._reset_state()
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
+    return Accelerator(mixed_precision=precision, cpu=not cuda, kwargs_handlers=[ddp])
+
+
 def train(cfg: TrainConfig, prepared: Prepared | None = None, resume: str | Path | None = None,
           library: Library | None = None, progress: bool = True, accelerator=None) -> dict:
     """Train, keep the best dev checkpoint, optionally save to the library. -> a result dict."""
-    from accelerate import Accelerator, DistributedDataParallelKwargs
-
     # joint mode trains backbone weights no head reads (BERT's pooler): DDP must allow unused parameters
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.mode == "joint")
-    acc = accelerator or Accelerator(mixed_precision=cfg.mixed_precision if torch.cuda.is_available() else "no",
-                                     cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
+    acc = accelerator or make_accelerator(cfg.mixed_precision, find_unused_parameters=cfg.mode == "joint")
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
     if resume:

@@ -253,3 +253,19 @@ def test_read_curves_single_multitask_resumed_and_torn(tmp_path):
     assert read_curves(multi) == {"a": ([0], [0.1]), "b": ([0], [0.2])}
     with pytest.raises(TrainingError, match="no metrics.jsonl there"):
         read_curves(tmp_path / "nowhere")
+
+
+def test_a_run_follows_another_with_a_different_precision(toy_task, tiny_bert_dir, tmp_path):
+    """accelerate keeps one state per process and refuses a second precision; train() in a single process
+    drops the earlier state (a notebook that tried bf16 first, a benchmark that times fp32 then bf16)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()  # whatever an earlier test left
+    Accelerator(cpu=True, mixed_precision="bf16")  # what an earlier bf16 run leaves behind
+    try:
+        r = train(cfg(toy_task, tiny_bert_dir, tmp_path, steps=2, eval_every=2), progress=False)
+        assert r["steps"] == 2
+        assert AcceleratorState().mixed_precision == "no"  # this machine has no GPU, or "no" was asked for
+    finally:
+        AcceleratorState._reset_state()
