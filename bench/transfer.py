@@ -29,7 +29,12 @@ Tiers (2 CPU cores, minilm):
     python bench/transfer.py --smoke              # a few minutes: proves the pipeline end to end
     python bench/transfer.py --quick              # under 20 minutes: 4 sources, 2 targets, 1 seed
     python bench/transfer.py --full               # about 15 hours: 8 sources, 6 few-shot targets + CR, 3 seeds
-Every tier takes overrides, e.g. --targets rte-fs --arms random,best,full --seeds 0,1.
+Every tier takes overrides, e.g. --targets rte-fs --arms random,best,full --seeds 0,1. The decoder run of
+bench/RESULTS.md (smollm2-135m, few-shot CR, 3 seeds; about 1.5 hours on 2 cores, records in
+bench/records/quick-smollm2):
+    python bench/transfer.py --quick --model smollm2-135m --sources sst2,mr,agnews,trec --targets cr-fs \
+        --arms random,vocab,peft,best,average,linear,attention,full,joint --seeds 0,1,2 --steps 60 \
+        --source-steps 80 --source-max-eval 100 --runs runs/bench-transfer/quick-smol
 
 Nothing finished is lost: each tuning run and each composition writes a record (record.json, with
 what it depends on: settings, init prompt's content hash) into its run folder, and a later invocation
