@@ -225,6 +225,7 @@ class Bench:
         self.cache: dict[tuple, dict] = {}
         self.pair_steps = cfg.pair_steps or cfg.steps
         self.commit = git_commit()
+        self.cpu = cpu_model()  # the same code and seed give other scores on another CPU: records name it
         self.reused = 0  # finished runs taken from their run folders
         self.deadline = None if cfg.time_budget is None else time.time() + 60 * cfg.time_budget
 
@@ -262,7 +263,7 @@ class Bench:
     def store(self, path: Path, key: dict, rec: dict) -> dict:
         from composer.atomic import atomic_write_text
 
-        rec = dict(rec, key=key, commit=self.commit)
+        rec = dict(rec, key=key, commit=self.commit, cpu=self.cpu)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(rec, indent=1, sort_keys=True, default=str))
         return rec
@@ -686,7 +687,9 @@ def main(argv: list[str] | None = None) -> None:
            "transferability": correlations(targets), "wall_s": round(time.time() - t0, 1),
            "reused_runs": bench.reused,
            "run_commits": sorted({r.get("commit", "unknown").split()[0] for v in targets.values()
-                                  for recs in v["runs"].values() for r in recs})}
+                                  for recs in v["runs"].values() for r in recs}),
+           "run_cpus": sorted({r.get("cpu", "an unrecorded CPU") for v in targets.values()
+                               for recs in v["runs"].values() for r in recs})}
 
     figs = Path(cfg.figures) if cfg.figures else (bench.runs / "figures" if cfg.tier == "smoke"
                                                   else ROOT / "bench" / "figures")

@@ -190,6 +190,9 @@ def test_whole_pipeline_writes_its_report_and_reads_it_back(bench_mod, records, 
     assert again["reused_runs"] == n_records and again["summary"] == res["summary"]
     assert again["targets"]["toy"]["runs"] == t["runs"]
     assert sorted(s["reused"] for s in again["sources"].values()) == [True, True]
+    # each record names the CPU that made it (float kernels differ between CPUs), and the report says it
+    assert again["run_cpus"] == [res["machine"]["cpu"]]
+    assert f"made on {res['machine']['cpu']} (the same code" in (out / "r.md").read_text()
 
 
 def _rec(seed, test, dev=0.5):
