@@ -34,7 +34,9 @@ bench/RESULTS.md (smollm2-135m, few-shot CR, 3 seeds; about 1.5 hours on 2 cores
 bench/records/quick-smollm2):
     python bench/transfer.py --quick --model smollm2-135m --sources sst2,mr,agnews,trec --targets cr-fs \
         --arms random,vocab,peft,best,average,linear,attention,full,joint --seeds 0,1,2 --steps 60 \
-        --source-steps 80 --source-max-eval 100 --runs runs/bench-transfer/quick-smol
+        --source-steps 80 --source-max-eval 100 --runs runs/bench-transfer/quick-smol --figures runs/figs-smol
+(--figures keeps it off the minilm quick tier's bench/figures/transfer-quick-cr-fs.png; the committed copy
+is bench/figures/transfer-quick-smollm2-cr-fs.png)
 
 Nothing finished is lost: each tuning run and each composition writes a record (record.json, with
 what it depends on: settings, init prompt's content hash) into its run folder, and a later invocation
@@ -677,8 +679,9 @@ def main(argv: list[str] | None = None) -> None:
     import peft
     import transformers
 
+    records = [r for v in targets.values() for recs in v["runs"].values() for r in recs]
     res = {"command": command, "commit": git_commit(), "config": dataclasses.asdict(cfg),
-           "machine": {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+           "machine": {"cpu": bench.cpu, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
                        "torch": torch.__version__, "transformers": transformers.__version__,
                        "peft": peft.__version__, "python": platform.python_version(),
                        "load_start": load_start, "load_end": round(os.getloadavg()[0], 2)},
@@ -686,10 +689,8 @@ def main(argv: list[str] | None = None) -> None:
            "summary": {t: summarise_target(v) for t, v in targets.items()},
            "transferability": correlations(targets), "wall_s": round(time.time() - t0, 1),
            "reused_runs": bench.reused,
-           "run_commits": sorted({r.get("commit", "unknown").split()[0] for v in targets.values()
-                                  for recs in v["runs"].values() for r in recs}),
-           "run_cpus": sorted({r.get("cpu", "an unrecorded CPU") for v in targets.values()
-                               for recs in v["runs"].values() for r in recs})}
+           "run_commits": sorted({r.get("commit", "unknown").split()[0] for r in records}),
+           "run_cpus": sorted({r.get("cpu", "an unrecorded CPU") for r in records})}
 
     figs = Path(cfg.figures) if cfg.figures else (bench.runs / "figures" if cfg.tier == "smoke"
                                                   else ROOT / "bench" / "figures")

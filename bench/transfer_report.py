@@ -211,8 +211,9 @@ def markdown(res: dict, fig_rel) -> str:
             f"Resumed: {res['reused_runs']} finished runs (and compositions) were read back from their run folders, "
             f"made by earlier invocations of this command; the runs come from commit(s) "
             + ", ".join(f"`{x[:10]}`" for x in res.get("run_commits", []))
-            + (f", made on {'; '.join(res['run_cpus'])}" if res.get("run_cpus") else "")
-            + " (the same code and seeds give other scores on another CPU). Wall time and load cover this "
+            + (f", made on {'; '.join(res['run_cpus'])} (the same code and seeds give other scores on another "
+               "CPU)" if res.get("run_cpus") else "")
+            + ". Wall time and load cover this "
             "invocation only, the s/step columns are each run's own.  "]
     lines += [
         f"Backbone `{c['model']}` (frozen except in full and joint), prompt length {c['prompt_length']}. Sources "
