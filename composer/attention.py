@@ -1,6 +1,9 @@
 """ATTEMPT's attentional mixture of soft prompts: one prompt per example.
 
-Like composer.mixing, pure tensor code: nothing here knows about models, tasks or files.
+AttentionComposer is pure tensor code, like composer.mixing: it knows nothing of models, tasks or files.
+MixtureSource puts it in front of a backbone as a prompt source (forward(embeds, mask) -> [B, P, H]);
+load_source rebuilds one from a library entry; distill_over and mean_attention read a prompted model's
+mixtures over a split.
 Dimension letters: K candidate prompts, P prompt tokens, H hidden size, B batch, T input tokens.
 """
 from __future__ import annotations
@@ -18,7 +21,7 @@ from composer.mixing import check_temperature, check_candidates
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AttentionComposer"]
+__all__ = ["AttentionComposer", "MixtureSource", "load_source", "distill_over", "mean_attention"]
 
 
 def _masked_max(x: Tensor, mask: Tensor) -> Tensor:
@@ -216,3 +219,67 @@ class AttentionComposer(nn.Module):
             module.layer_norm.weight.copy_(tensors["layer_norm.weight"])
             module.layer_norm.bias.copy_(tensors["layer_norm.bias"])
         return module
+
+
+# -- as a prompt source -------------------------------------------------------------------------------
+class MixtureSource(nn.Module):
+    """An AttentionComposer as a prompt source: forward(embeds [B, T, H], mask [B, T]) -> [B, P, H]."""
+
+    def __init__(self, composer: AttentionComposer):
+        super().__init__()
+        self.composer = composer
+        self._static: Tensor | None = None
+
+    def forward(self, embeds: Tensor, mask: Tensor | None = None) -> Tensor:
+        prompts, _ = self.composer(embeds.float(), mask)
+        return prompts
+
+    def set_static(self, prompt: Tensor) -> None:
+        self._static = prompt.detach()
+
+    def static(self) -> Tensor:
+        """The distilled prompt (set by distill_over) or, before that, the target prompt."""
+        return self._static if self._static is not None else self.composer.target_prompt.detach()
+
+    def state_for_save(self):
+        return self.composer.state_for_save()
+
+
+def load_source(entry) -> MixtureSource | None:
+    """A library entry that holds an attention composer -> its MixtureSource (else None)."""
+    tensors = entry.extra("composer")
+    if not tensors:
+        return None
+    conf = (entry.meta.get("provenance") or {}).get("composer_config") or {}
+    src = MixtureSource(AttentionComposer.from_saved(tensors, conf))
+    src.set_static(entry.prompt)
+    return src
+
+
+def _embedded_batches(pm, enc, idx: list[int], batch_size: int):
+    """(embeds [b, T, H] float, mask [b, T]) of rows ``idx`` of an Encoded split, on the model's device."""
+    pad = pm.backbone.tokenizer.pad_token_id
+    for s in range(0, len(idx), batch_size):
+        b = enc.batch(idx[s : s + batch_size], pad)
+        ids, mask = b["input_ids"].to(pm.device), b["attention_mask"].to(pm.device)
+        yield pm.embed(ids).float(), mask
+
+
+@torch.no_grad()
+def distill_over(pm, enc, batch_size: int = 64, limit: int = 512) -> Tensor:
+    """The mean per-example prompt of ``pm``'s MixtureSource over (up to ``limit``) rows of ``enc``: [P, H].
+
+    It becomes the source's static prompt (what the library stores as prompt_embeddings)."""
+    src = pm.prompt_source
+    idx = list(range(min(len(enc), limit)))
+    prompt = src.composer.distill(list(_embedded_batches(pm, enc, idx, batch_size)))
+    src.set_static(prompt)
+    return prompt
+
+
+@torch.no_grad()
+def mean_attention(pm, enc, batch_size: int = 64) -> Tensor:
+    """Attention weights of ``pm``'s MixtureSource per example: [N, K+1] (last column: the target prompt)."""
+    out = [pm.prompt_source.composer(embeds, mask)[1].cpu()
+           for embeds, mask in _embedded_batches(pm, enc, list(range(len(enc))), batch_size)]
+    return torch.cat(out)

@@ -53,10 +53,10 @@ ALIASES: dict[str, Alias] = {
 
 @dataclass
 class Backbone:
-    """A loaded backbone: the model, its tokenizer and what we need to know about it."""
+    """A loaded backbone: its network, its tokenizer and what we need to know about it."""
 
     name: str  # what the user asked for (alias, path or id); stored in prompt.json
-    model: nn.Module  # the transformers model (AutoModel or ForMaskedLM / ForCausalLM / ForSeq2SeqLM)
+    network: nn.Module  # the transformers model (AutoModel or ForMaskedLM / ForCausalLM / ForSeq2SeqLM)
     tokenizer: object
     family: str  # encoder | decoder | encoder-decoder
     hidden_size: int
@@ -64,13 +64,18 @@ class Backbone:
     source: str = ""  # the folder it was loaded from
     meta: dict = field(default_factory=dict)
 
+    @property
+    def model(self) -> nn.Module:
+        """The network under the name transformers users know it by (read-only)."""
+        return self.network
+
     def input_embeddings(self) -> nn.Embedding:
-        return self.model.get_input_embeddings()
+        return self.network.get_input_embeddings()
 
     @property
     def has_mlm_head(self) -> bool:
         """An encoder loaded with its masked-LM head (what the mlm scoring head reads)."""
-        return (self.family == "encoder" and self.model.get_output_embeddings() is not None
+        return (self.family == "encoder" and self.network.get_output_embeddings() is not None
                 and getattr(self.tokenizer, "mask_token_id", None) is not None)
 
 
@@ -198,5 +203,5 @@ def wrap(model: nn.Module, tokenizer, name: str, family: str | None = None, sour
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     hidden = int(getattr(config, "hidden_size", None) or getattr(config, "d_model"))
     model.eval()
-    return Backbone(name=name, model=model, tokenizer=tokenizer, family=fam, hidden_size=hidden,
+    return Backbone(name=name, network=model, tokenizer=tokenizer, family=fam, hidden_size=hidden,
                     num_layers=_num_layers(config), source=source)

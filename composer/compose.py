@@ -18,22 +18,24 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from composer import graph as G_
 from composer import mixing
-from composer.attention import AttentionComposer
-from composer.backbones import Backbone, load_backbone, resolve_device
-from composer.build import Encoded, build_model, encode_split, freeze_backbone
+from composer.attention import AttentionComposer, MixtureSource, distill_over, mean_attention
+from composer.backbones import Backbone, load_backbone
+from composer.config import STRATEGIES, ComposeConfig
+from composer.encoding import Encoded, encode_split
 from composer.errors import ComposeError
 from composer.evaluate import predict, score
 from composer.library import Library
-from composer.model import attention_kernels
-from composer.runstate import progress_bar
+from composer.model import attention_kernels, build_model, freeze_backbone
+from composer.runstate import BatchPlan, progress_bar
+from composer.taskdata import load_splits
+from composer.tasks import load_task
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("best", "average", "linear", "attention", "concat")
+__all__ = ["STRATEGIES", "ComposeConfig", "Candidate", "candidates", "compose", "write_weights"]
 
 
 @dataclass
@@ -44,55 +46,6 @@ class Candidate:
     weight: float | None  # prior (part_of) or similarity (similar)
     prompt: torch.Tensor  # [P, H]
     meta: dict
-
-
-@dataclass
-class ComposeConfig:
-    graph: str
-    """Graph YAML or node-link JSON (a name resolves in ./graphs then the catalogue)."""
-    target: str
-    strategy: str = "attention"
-    top_k: int = 3
-    """How many similar sources join the subtasks."""
-    metric: str | None = None
-    """Similarity metric of the similar edges to follow (None: any one metric)."""
-    shots: int = 16
-    """Target examples per class used by best, linear and attention."""
-    method: str = "lbfgs"
-    """linear: lbfgs (gradient-based) | powell | nelder-mead (gradient-free)."""
-    l1: float = 0.05
-    temperature: float | None = None
-    """average: softmax temperature (None: weights normalised by their sum); attention: None = H * e."""
-    steps: int = 0
-    """On the few-shot examples at compose time. attention: training steps of the module (0 = untrained).
-    best: prompt-tuning steps of each candidate before it is scored (SPoT's few-step ranking; 0 = each
-    candidate's zero-shot score). The saved prompt is the chosen candidate as it was."""
-    lr: float = 0.3
-    distill: bool = False
-    """attention: save one static [P, H] prompt (the mean mixed prompt) instead of the module."""
-    seed: int = 0
-    model: str | None = None
-    """Backbone (default: the graph's, else the candidates')."""
-    data_dir: str | None = None
-    save: str | None = None
-    out_graph: str | None = None
-    """Where to write the graph with the composed weights on its edges (node-link JSON)."""
-    device: str = "auto"
-    """Where the backbone runs for best, linear and attention: auto (CUDA when there is one) | cpu | cuda | cuda:N.
-    A backbone passed to compose() stays where it is."""
-
-    def __post_init__(self):
-        if self.strategy not in STRATEGIES:
-            raise ComposeError(f"unknown --strategy {self.strategy!r}: use one of {', '.join(STRATEGIES)}")
-        if self.top_k < 0:
-            raise ComposeError(f"--top-k must be >= 0, got {self.top_k}")
-        if self.shots <= 0:
-            raise ComposeError(f"--shots must be positive, got {self.shots}")
-        if self.steps < 0:
-            raise ComposeError(f"--steps must be >= 0, got {self.steps}")
-        if self.method not in ("lbfgs", "powell", "nelder-mead"):
-            raise ComposeError(f"unknown --method {self.method!r}: use lbfgs, powell or nelder-mead")
-        resolve_device(self.device)
 
 
 def _to(batch: dict, device: torch.device) -> dict:
@@ -147,59 +100,7 @@ def candidates(G, target: str, library: Library, metric: str | None = None, top_
     return out
 
 
-class MixtureSource(nn.Module):
-    """An AttentionComposer as a prompt source: forward(embeds, mask) -> [B, P, H]."""
-
-    def __init__(self, composer: AttentionComposer):
-        super().__init__()
-        self.composer = composer
-        self._static: torch.Tensor | None = None
-
-    def forward(self, embeds: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        prompts, _ = self.composer(embeds.float(), mask)
-        return prompts
-
-    def set_static(self, prompt: torch.Tensor) -> None:
-        self._static = prompt.detach()
-
-    def static(self) -> torch.Tensor:
-        """The distilled prompt (set by distill_over) or, before that, the target prompt."""
-        return self._static if self._static is not None else self.composer.target_prompt.detach()
-
-    def state_for_save(self):
-        return self.composer.state_for_save()
-
-
-def distill_over(pm, enc: Encoded, batch_size: int = 64, limit: int = 512) -> torch.Tensor:
-    """The mean per-example prompt of a MixtureSource over (up to ``limit``) inputs: [P, H]."""
-    src = pm.prompt_source
-    pad = pm.bb.tokenizer.pad_token_id
-    idx = list(range(min(len(enc), limit)))
-    batches = []
-    with torch.no_grad():
-        for s in range(0, len(idx), batch_size):
-            b = _to(enc.batch(idx[s : s + batch_size], pad), pm.device)
-            batches.append((pm.embed(b["input_ids"]).float(), b["attention_mask"]))
-    prompt = src.composer.distill(batches)
-    src.set_static(prompt)
-    return prompt
-
-
-def mean_attention(pm, enc: Encoded, batch_size: int = 64) -> torch.Tensor:
-    """Attention weights of a MixtureSource per example: [N, K+1] (last column: the target prompt)."""
-    pad = pm.bb.tokenizer.pad_token_id
-    out = []
-    with torch.no_grad():
-        for s in range(0, len(enc), batch_size):
-            b = _to(enc.batch(range(s, min(s + batch_size, len(enc))), pad), pm.device)
-            _, w = pm.prompt_source.composer(pm.embed(b["input_ids"]).float(), b["attention_mask"])
-            out.append(w.cpu())
-    return torch.cat(out)
-
-
 def _few_shot(spec, backbone: Backbone, shots: int, seed: int, data_dir) -> Encoded:
-    from composer.taskdata import load_splits
-
     splits = load_splits(spec, data_dir=data_dir, splits=["train"], k_shot=0, seed=seed)
     ds = splits["train"]
     labels = ds["label"]
@@ -217,19 +118,17 @@ def _few_shot(spec, backbone: Backbone, shots: int, seed: int, data_dir) -> Enco
 
 def compose(cfg: ComposeConfig, library: Library | None = None, backbone: Backbone | None = None) -> dict:
     """Compose the target's prompt; save it (cfg.save) and write the weights onto the graph (cfg.out_graph)."""
-    from composer.tasks import load_task
-
     library = library or Library()
     G = G_.load_graph(cfg.graph)
     cands = candidates(G, cfg.target, library, cfg.metric, cfg.top_k, cfg.strategy,
-                       backbone=cfg.model or G.graph.get("backbone"))
+                       backbone=cfg.backbone or G.graph.get("backbone"))
     names = [c.node for c in cands]
     stack = None if cfg.strategy == "concat" else torch.stack([c.prompt for c in cands])  # [K, P, H]
     spec = load_task(G.nodes[cfg.target].get("task") or cfg.target)
     needs_model = cfg.strategy in ("best", "linear", "attention")
     bb = backbone
     if needs_model and bb is None:
-        bb = load_backbone(cfg.model or cands[0].meta.get("backbone") or G.graph.get("backbone"), device=cfg.device)
+        bb = load_backbone(cfg.backbone or cands[0].meta.get("backbone") or G.graph.get("backbone"), device=cfg.device)
     device = next(bb.model.parameters()).device if needs_model else torch.device("cpu")
     if stack is not None:
         stack = stack.to(device)
@@ -244,10 +143,10 @@ def compose(cfg: ComposeConfig, library: Library | None = None, backbone: Backbo
         weights = [1.0] * len(cands)
     elif cfg.strategy == "average":
         w = [c.weight if c.weight is not None else 1.0 for c in cands]
-        if cfg.temperature is None:
+        if cfg.mix_temperature is None:
             prompt, wt = mixing.average(stack, torch.tensor(w), normalise="sum")
         else:
-            prompt, wt = mixing.average(stack, torch.tensor(w), temperature=cfg.temperature)
+            prompt, wt = mixing.average(stack, torch.tensor(w), temperature=cfg.mix_temperature)
         weights = wt.tolist()
     else:
         shots = _few_shot(spec, bb, cfg.shots, cfg.seed, cfg.data_dir)
@@ -289,7 +188,7 @@ def compose(cfg: ComposeConfig, library: Library | None = None, backbone: Backbo
                 log.warning("linear weights did not converge (%s); keeping the best found (loss %.4f)",
                             res.message, res.loss)
         else:  # attention
-            comp = AttentionComposer(stack, temperature=cfg.temperature, seed=cfg.seed)
+            comp = AttentionComposer(stack, temperature=cfg.mix_temperature, seed=cfg.seed)
             pm = build_model(bb, spec, MixtureSource(comp), seed=cfg.seed)
             freeze_backbone(pm)
             if cfg.steps > 0:
@@ -336,12 +235,10 @@ def _fit(pm, enc: Encoded, steps: int, lr: float, seed: int, batch_size: int = 1
          what: str = "fit the attention module") -> None:
     """A few AdamW steps on what trains in ``pm`` (its prompt source: attention module + target prompt, or a
     soft prompt)."""
-    from composer.runstate import BatchPlan
-
     params = [p for p in pm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
     plan = BatchPlan(len(enc), min(batch_size, len(enc)), seed)
-    pad = pm.bb.tokenizer.pad_token_id
+    pad = pm.backbone.tokenizer.pad_token_id
     pm.train()
     with progress_bar(f"compose: {what}", steps) as bar:
         for s in range(steps):
@@ -355,14 +252,3 @@ def _fit(pm, enc: Encoded, steps: int, lr: float, seed: int, batch_size: int = 1
             opt.zero_grad(set_to_none=True)
             bar.update(1)
     pm.eval()
-
-
-def load_source(entry, library: Library | None = None) -> nn.Module | None:
-    """A library entry that holds an attention composer -> its MixtureSource (else None)."""
-    tensors = entry.extra("composer")
-    if not tensors:
-        return None
-    conf = (entry.meta.get("provenance") or {}).get("composer_config") or {}
-    src = MixtureSource(AttentionComposer.from_saved(tensors, conf))
-    src.set_static(entry.prompt)
-    return src

@@ -9,59 +9,32 @@
 from __future__ import annotations
 
 import json
+import re
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 from composer import graph as G_
 from composer.atomic import atomic_write_text
 from composer.backbones import load_backbone
-from composer.compose import STRATEGIES, ComposeConfig, compose
+from composer.compose import compose
+from composer.config import ComposeConfig, DemoConfig, TrainConfig
 from composer.library import Library
-from composer.train import TrainConfig, prepare, train
+from composer.runstate import read_curves
+from composer.train import prepare, train
 from composer.transfer import link_graph
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class DemoConfig:
-    model: str = "minilm"
-    graph: str = "demo"
-    out: str = "runs/demo"
-    targets: tuple[str, ...] = ("negated-polarity", "topic-polarity")
-    strategies: tuple[str, ...] = STRATEGIES
-    prompt_length: int = 20
-    source_steps: int = 80
-    """Steps for each subtask prompt (full training data)."""
-    target_steps: int = 40
-    """The same budget for every arm on a target."""
-    k_shot: int = 16
-    """Target training examples per class: composition matters most in the few-shot regime."""
-    shots: int = 16
-    """Examples per class the composer itself may look at (best, linear, attention)."""
-    batch_size: int = 16
-    lr: float = 0.3
-    eval_every: int = 10
-    max_eval: int = 200
-    seed: int = 0
-    retrain: bool = False
-    """Retrain subtask prompts even when the library has them."""
-    extra: dict = field(default_factory=dict)
-
-
 def model_slug(model: str) -> str:
     """minilm -> minilm; a path or hub id -> its last part, safe as a library name."""
-    import re
-
     return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model.rstrip("/")).name).strip("-.") or "model"
 
 
 def read_curve(run_dir: Path) -> tuple[list[int], list[float]]:
     """(steps, dev scores) of a single-task run's evaluations, from its metrics.jsonl."""
-    from composer.runstate import read_curves
-
     return read_curves(run_dir).get("dev", ([], []))
 
 
@@ -74,29 +47,29 @@ def steps_to_reach(curve: tuple[list[int], list[float]], level: float) -> int | 
 
 
 def run_demo(cfg: DemoConfig, library: Library | None = None, progress: bool = True, echo=print) -> dict:
-    from composer.plots import draw_graph, learning_curves, weights_per_class
+    from composer.plots import draw_graph, learning_curves, weights_per_class  # lazy: matplotlib is heavy
 
     t0 = time.time()
     lib = library or Library()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    bb = load_backbone(cfg.model)
+    bb = load_backbone(cfg.backbone)
     G = G_.load_graph(cfg.graph)
 
     # 1. subtask and source prompts
     sources = [n for n, d in G.nodes(data=True) if d.get("role") in ("source", "subtask")]
-    slug = model_slug(cfg.model)
+    slug = model_slug(cfg.backbone)
     for n in G.nodes:  # prompts are named per backbone: another --model never overwrites the minilm ones
         G.nodes[n]["prompt"] = f"{n}-{slug}"
     source_results = {}
     for n in sources:
         name = G.nodes[n]["prompt"]
-        if lib.exists(name) and not cfg.retrain and lib.meta(name).get("backbone") == cfg.model:
+        if lib.exists(name) and not cfg.retrain and lib.meta(name).get("backbone") == cfg.backbone:
             echo(f"[1/4] reuse prompt {name} from {lib.root}")
             source_results[n] = {"reused": True, "dev": (lib.meta(name).get("metrics") or {}).get("dev")}
             continue
         echo(f"[1/4] train prompt {name} ({cfg.source_steps} steps)")
-        tc = TrainConfig(task=G.nodes[n].get("task") or n, model=cfg.model, prompt_length=cfg.prompt_length,
+        tc = TrainConfig(task=G.nodes[n].get("task") or n, backbone=cfg.backbone, prompt_length=cfg.prompt_length,
                          steps=cfg.source_steps, batch_size=cfg.batch_size, lr=cfg.lr, eval_every=max(1, cfg.source_steps // 3),
                          max_eval=cfg.max_eval, seed=cfg.seed, save=name, run_dir=str(out / "sources" / n))
         r = train(tc, prepared=prepare(tc, backbone=bb, library=lib), library=lib, progress=progress)
@@ -120,7 +93,7 @@ def run_demo(cfg: DemoConfig, library: Library | None = None, progress: bool = T
             name = f"demo-{target}-{strat}"
             echo(f"[3/4] compose {target} with {strat}")
             cr = compose(ComposeConfig(graph=str(out / "graph.json"), target=target, strategy=strat, top_k=2,
-                                       metric="transfer", shots=cfg.shots, seed=cfg.seed, model=cfg.model,
+                                       metric="transfer", shots=cfg.shots, seed=cfg.seed, backbone=cfg.backbone,
                                        save=name), library=lib, backbone=bb)
             inits[strat] = f"library:{name}"
             arms[strat] = {"compose": {k: cr[k] for k in ("candidates", "weights") if k in cr}}
@@ -130,7 +103,7 @@ def run_demo(cfg: DemoConfig, library: Library | None = None, progress: bool = T
         curves = {}
         for arm, init in inits.items():
             echo(f"[4/4] tune {target} from {arm} ({cfg.target_steps} steps, {cfg.k_shot} per class)")
-            tc = TrainConfig(task=spec_task, model=cfg.model, prompt_length=cfg.prompt_length, init=init,
+            tc = TrainConfig(task=spec_task, backbone=cfg.backbone, prompt_length=cfg.prompt_length, init=init,
                              steps=cfg.target_steps, batch_size=cfg.batch_size, lr=cfg.lr, eval_every=cfg.eval_every,
                              max_eval=cfg.max_eval, seed=cfg.seed, k_shot=cfg.k_shot, run_dir=str(out / target / arm))
             r = train(tc, prepared=prepare(tc, backbone=bb, library=lib), library=lib, progress=progress)

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import re
 import string
+from dataclasses import dataclass
 
 import torch
+
+from composer.errors import TaskError
 
 _FIELD = re.compile(r"{(\w+)}")
 
@@ -67,3 +70,39 @@ def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
         ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
         mask[i, : len(s)] = 1
     return ids, mask
+
+
+@dataclass
+class Encoded:
+    """One split, tokenised: ids[i] is a list of token ids, labels [N], scores [N] or None."""
+
+    ids: list[list[int]]
+    labels: torch.Tensor
+    scores: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def batch(self, idx, pad_id: int) -> dict[str, torch.Tensor]:
+        input_ids, mask = pad_batch([self.ids[i] for i in idx], pad_id)
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": self.labels[list(idx)]}
+
+    def subset(self, n: int | None, seed: int) -> "Encoded":
+        """At most ``n`` rows, a seeded subset in the split's order (``self`` when it has no more than n)."""
+        if n is None or len(self) <= n:
+            return self
+        g = torch.Generator().manual_seed(seed)
+        idx = sorted(torch.randperm(len(self), generator=g)[:n].tolist())
+        return Encoded([self.ids[i] for i in idx], self.labels[idx],
+                       self.scores[idx] if self.scores is not None else None)
+
+
+def encode_split(spec, ds, tokenizer) -> Encoded:
+    """A datasets.Dataset (or a list of rows) of a task split -> Encoded."""
+    rows = ds.to_list() if hasattr(ds, "to_list") else list(ds)
+    if not rows:
+        raise TaskError(f"task '{spec.name}': the split is empty")
+    ids = encode_rows(tokenizer, spec.template, rows, spec.max_length)
+    labels = torch.tensor([int(r["label"]) for r in rows], dtype=torch.long)
+    scores = torch.tensor([float(r["score"]) for r in rows]) if "score" in rows[0] else None
+    return Encoded(ids=ids, labels=labels, scores=scores)

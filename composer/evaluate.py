@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from composer import metrics as M
-from composer.build import Encoded
+from composer.encoding import Encoded
 
 
 @torch.no_grad()
@@ -21,7 +21,7 @@ def predict(pm, enc: Encoded, batch_size: int = 64, device: torch.device | str |
     pm.eval()
     order = sorted(range(len(enc)), key=lambda i: len(enc.ids[i]))
     out: list[torch.Tensor | None] = [None] * len(enc)
-    pad = pm.bb.tokenizer.pad_token_id
+    pad = pm.backbone.tokenizer.pad_token_id
     try:
         for s in range(0, len(order), batch_size):
             idx = order[s : s + batch_size]

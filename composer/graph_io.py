@@ -48,6 +48,7 @@ import yaml
 
 import composer
 from composer.atomic import atomic_write_text
+from composer.config import EDGE_METRICS
 from composer.errors import GraphError
 
 __all__ = [
@@ -67,9 +68,8 @@ __all__ = [
 ROLES = ("source", "subtask", "target")
 PART_OF = "part_of"
 SIMILAR = "similar"
-# Metrics a similar edge may carry: the similarity metrics, the zero-shot transfer score,
-# and "prior" for a weight written by hand.
-EDGE_METRICS = ("cos-avg", "euclid-avg", "cos-tok", "euclid-tok", "on", "transfer", "prior")
+# EDGE_METRICS (composer/config.py): what a similar edge may carry: the similarity metrics, the zero-shot
+# transfer score, and "prior" for a weight written by hand.
 
 
 

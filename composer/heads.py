@@ -17,9 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-HEADS = ("verbalizer", "label-similarity", "mlm", "linear")
-DEFAULT_HEAD = {"encoder": "label-similarity", "decoder": "verbalizer", "encoder-decoder": "verbalizer"}
-"""By family; an encoder loaded with its masked-LM head defaults to mlm (see composer.build.resolve_head)."""
+from composer.config import DEFAULT_HEAD, HEADS
+from composer.encoding import pad_batch
+from composer.errors import ComposerError, TaskError
+
+__all__ = ["HEADS", "DEFAULT_HEAD", "resolve_head", "make_head", "label_descriptions", "VerbalizerHead",
+           "LabelSimilarityHead", "MaskedLMHead", "LinearHead", "mean_pool", "last_token"]
+# DEFAULT_HEAD is by family; an encoder loaded with its masked-LM head defaults to mlm (see resolve_head)
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -51,7 +55,7 @@ class VerbalizerHead(nn.Module):
             return self._seq2seq(pm, embeds, mask)
         if pm.family != "decoder":
             raise ValueError("the verbalizer head needs a decoder or encoder-decoder backbone")
-        lm_head = pm.backbone.get_output_embeddings()
+        lm_head = pm.network.get_output_embeddings()
         if self.single:  # one pass: the next-token distribution after the input
             h = last_token(pm.hidden(embeds, mask), mask)  # [B, H]
             logp = F.log_softmax(lm_head(h).float(), dim=-1)  # [B, V]
@@ -92,9 +96,9 @@ class VerbalizerHead(nn.Module):
         labels = torch.full((C, m), -100, dtype=torch.long, device=dev)
         for c, t in enumerate(self.label_token_ids):
             labels[c, : len(t)] = torch.tensor(t, device=dev)
-        enc = pm.backbone.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-        dec_in = pm.backbone.prepare_decoder_input_ids_from_labels(labels=labels)  # [C, m]
-        out = pm.backbone(encoder_outputs=(enc.repeat_interleave(C, 0),), attention_mask=mask.repeat_interleave(C, 0),
+        enc = pm.network.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        dec_in = pm.network.prepare_decoder_input_ids_from_labels(labels=labels)  # [C, m]
+        out = pm.network(encoder_outputs=(enc.repeat_interleave(C, 0),), attention_mask=mask.repeat_interleave(C, 0),
                           decoder_input_ids=dec_in.repeat(B, 1))
         logp = F.log_softmax(out.logits.float(), dim=-1)  # [B*C, m, V]
         lab = labels.repeat(B, 1)
@@ -138,7 +142,7 @@ class MaskedLMHead(nn.Module):
         token = pm.embed(torch.tensor([self.mask_token_id], device=embeds.device))[0]  # [H]
         x, m = insert_at(embeds, mask, at, token)
         rows = torch.arange(len(x), device=x.device)
-        lm = pm.backbone
+        lm = pm.network
         head = getattr(lm, "cls", None) or getattr(lm, "lm_head", None)
         if isinstance(head, nn.Module):
             h = pm.hidden(x, m)[rows, at]  # [B, H]
@@ -171,21 +175,21 @@ class LabelSimilarityHead(nn.Module):
         self._params_key, self._params = None, []  # a plain list, not registered as a submodule
 
     def label_embeddings(self, pm) -> torch.Tensor:
-        if self._params_key != id(pm.backbone):  # parameters() recurses through every module: ~140 us a call
-            self._params_key, self._params = id(pm.backbone), list(pm.backbone.parameters())
+        if self._params_key != id(pm.network):  # parameters() recurses through every module: ~140 us a call
+            self._params_key, self._params = id(pm.network), list(pm.network.parameters())
         trainable = any(p.requires_grad for p in self._params)
         if self._cache is not None and not trainable and self._cache.device == self.label_input_ids.device:
             return self._cache
-        was_training = pm.backbone.training
+        was_training = pm.network.training
         if not trainable:  # a frozen backbone encodes the labels without dropout, once
-            pm.backbone.eval()
+            pm.network.eval()
         try:
             with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
                 e = pm.embed(self.label_input_ids)
                 h = mean_pool(pm.hidden(e, self.label_mask), self.label_mask)
                 h = F.normalize(h.float(), dim=-1)  # [C, H]
         finally:
-            pm.backbone.train(was_training)
+            pm.network.train(was_training)
         self._cache = None if trainable else h.detach()
         return h
 
@@ -213,3 +217,57 @@ class LinearHead(nn.Module):
         hid = pm.hidden(embeds, mask)
         pooled = last_token(hid, mask) if pm.family == "decoder" else mean_pool(hid, mask)
         return self.proj(pooled.to(self.proj.weight.dtype)).float()
+
+
+# -- choosing and building a task's head ------------------------------------------------------------
+def resolve_head(spec, backbone, head: str | None = None) -> str:
+    """The head a task gets on ``backbone`` (a Backbone): ``head``, else the spec's, else the family's default.
+
+    Fails with one line when the head cannot work on that backbone."""
+    kind = head or getattr(spec, "head", None) or ("mlm" if backbone.has_mlm_head else DEFAULT_HEAD[backbone.family])
+    if kind not in HEADS:
+        raise ComposerError(f"unknown head '{kind}': use one of {', '.join(HEADS)}")
+    if kind == "mlm" and not backbone.has_mlm_head:
+        raise ComposerError(f"the mlm head needs an encoder loaded with its masked-LM head (a checkpoint whose "
+                            f"config lists a *ForMaskedLM architecture, e.g. bert-base-uncased), and "
+                            f"'{backbone.name}' has none: use --head label-similarity or --head linear")
+    if kind == "verbalizer" and backbone.family == "encoder":
+        raise ComposerError(f"the verbalizer head needs a decoder or encoder-decoder, and '{backbone.name}' is an "
+                            "encoder: use --head label-similarity or --head linear")
+    if kind == "label-similarity" and backbone.family != "encoder":
+        raise ComposerError(f"the label-similarity head is for sentence encoders, and '{backbone.name}' is a "
+                            f"{backbone.family}: use --head verbalizer or --head linear")
+    return kind
+
+
+def label_descriptions(spec) -> list[str]:
+    descr = getattr(spec, "label_descriptions", None)
+    return list(descr) if descr else [w.strip() for w in spec.label_words]
+
+
+def make_head(spec, backbone, kind: str, label_temperature: float = 0.05, seed: int = 0) -> nn.Module:
+    """The ``kind`` head for task ``spec`` on ``backbone`` (its tokenizer turns label words into ids)."""
+    tok = backbone.tokenizer
+    if kind == "verbalizer":
+        ids = [tok(w, add_special_tokens=False)["input_ids"] for w in spec.label_words]
+        empty = [w for w, i in zip(spec.label_words, ids) if not i]
+        if empty:
+            raise TaskError(f"task '{spec.name}': label words {empty} tokenise to nothing on '{backbone.name}'")
+        return VerbalizerHead(ids)
+    if kind == "mlm":
+        ids = [tok(w, add_special_tokens=False)["input_ids"] for w in spec.label_words]
+        multi = [f"{w!r} -> {len(i)} tokens" for w, i in zip(spec.label_words, ids) if len(i) != 1]
+        if multi:
+            raise TaskError(f"task '{spec.name}': the mlm head needs one token per label word, and on "
+                            f"'{backbone.name}' {', '.join(multi)}; pick single-token label words")
+        return MaskedLMHead([i[0] for i in ids], tok.mask_token_id, before_sep=tok.sep_token_id is not None)
+    if kind == "label-similarity":
+        seqs = tok(label_descriptions(spec), add_special_tokens=True)["input_ids"]
+        ids, mask = pad_batch(seqs, tok.pad_token_id)
+        return LabelSimilarityHead(ids, mask, temperature=label_temperature)
+    g = torch.Generator().manual_seed(seed)
+    head = LinearHead(backbone.hidden_size, len(spec.labels))
+    with torch.no_grad():
+        head.proj.weight.copy_(torch.randn(head.proj.weight.shape, generator=g) * 0.02)
+        head.proj.bias.zero_()
+    return head

@@ -4,6 +4,12 @@ PromptedModel.forward(input_ids [B, T], attention_mask [B, T]) -> logits [B, C] 
 The prompt comes from ``prompt_source(embeds, mask) -> [B, P, H]``: a plain SoftPrompt or a composer
 that mixes prompts per example. The head decides how labels are scored (see composer/heads.py).
 MultiTaskModel holds the backbone once and one PromptedModel view per task (composer/multitask.py).
+
+Names: ``backbone`` is the Backbone (composer/backbones.py: network, tokenizer, family, name);
+``network`` is its nn.Module, registered here so .to(device) and state_dict see it.
+
+    build_model(backbone, spec, prompt)     a PromptedModel for one task (its head chosen and built)
+    from_library(entry, backbone, spec)     the same from a library entry (its head, backbone delta)
 """
 from __future__ import annotations
 
@@ -14,9 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from composer.attention import load_source
 from composer.backbones import Backbone
-from composer.errors import TrainingError
-from composer.prompts import prepend
+from composer.errors import LibraryError, TrainingError
+from composer.heads import make_head, resolve_head
+from composer.library import check_compatible
+from composer.prompts import SoftPrompt, prepend
 
 
 def set_activation_checkpointing(backbone: nn.Module, on: bool) -> None:
@@ -60,8 +69,8 @@ def _cache_name(backbone: nn.Module) -> str:
 class PromptedModel(nn.Module):
     def __init__(self, backbone: Backbone, prompt_source: nn.Module, head: nn.Module):
         super().__init__()
-        self.bb = backbone
-        self.backbone = backbone.model  # registered, so .to(device) and state_dict see it
+        self.backbone = backbone
+        self.network = backbone.model  # registered, so .to(device) and state_dict see it
         self.prompt_source = prompt_source
         self.head = head
 
@@ -69,21 +78,21 @@ class PromptedModel(nn.Module):
     @property
     def device(self) -> torch.device:
         """Where the backbone's weights are (inputs go there)."""
-        return next(self.backbone.parameters()).device
+        return next(self.network.parameters()).device
 
     @property
     def family(self) -> str:
-        return self.bb.family
+        return self.backbone.family
 
     @property
     def after_first(self) -> bool:
         """BERT-style encoders keep [CLS] in front of the prompt."""
-        tok = self.bb.tokenizer
+        tok = self.backbone.tokenizer
         return self.family == "encoder" and tok.cls_token_id is not None
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [B, T] -> [B, T, H] word embeddings (positions are added inside the backbone)."""
-        return self.backbone.get_input_embeddings()(input_ids)
+        return self.network.get_input_embeddings()(input_ids)
 
     def prompted(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  prompt: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -97,10 +106,10 @@ class PromptedModel(nn.Module):
     def hidden(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Last hidden states of the encoder side (or the decoder stack): [B, T, H]."""
         if self.family == "encoder-decoder":
-            return self.backbone.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+            return self.network.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         # base_model: the stack under the LM head (decoders, encoders loaded with their masked-LM head); a bare
         # encoder is its own base model
-        return self.backbone.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        return self.network.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 prompt: torch.Tensor | None = None) -> torch.Tensor:
@@ -123,12 +132,12 @@ class PromptedModel(nn.Module):
             return self._generate(input_ids, attention_mask, max_new_tokens, use_cache, prompt)
 
     def _generate(self, input_ids, attention_mask, max_new_tokens, use_cache, prompt) -> torch.Tensor:
-        tok = self.bb.tokenizer
+        tok = self.backbone.tokenizer
         if self.family == "encoder-decoder":
             embeds, mask, _ = self.prompted(input_ids, attention_mask, prompt)
-            out = self.backbone.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
+            out = self.network.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
                                          do_sample=False, use_cache=use_cache, num_beams=1)
-            start = self.backbone.config.decoder_start_token_id
+            start = self.network.config.decoder_start_token_id
             return out[:, 1:] if out.shape[1] and (out[:, 0] == start).all() else out
         # decoder: left-align so every row's last token is at the end, then an explicit loop
         lengths = attention_mask.sum(1)
@@ -140,15 +149,15 @@ class PromptedModel(nn.Module):
         eos = tok.eos_token_id
         done = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
         new, past = [], None
-        cache = _cache_name(self.backbone)
+        cache = _cache_name(self.network)
         step_embeds = embeds
         for _ in range(max_new_tokens):
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             if use_cache and past is not None:
-                out = self.backbone(inputs_embeds=step_embeds, attention_mask=mask, position_ids=pos[:, -1:],
+                out = self.network(inputs_embeds=step_embeds, attention_mask=mask, position_ids=pos[:, -1:],
                                     use_cache=True, **{cache: past})
             else:
-                out = self.backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=use_cache)
+                out = self.network(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=use_cache)
             past = out.get(cache) if use_cache else None
             nxt = out.logits[:, -1].float().argmax(-1)  # [B]
             if eos is not None:
@@ -178,8 +187,8 @@ class MultiTaskModel(nn.Module):
         bad = [t for t in sources if "." in t or not t]
         if bad:
             raise TrainingError(f"task name {bad[0]!r} cannot name a module (no dots): rename the graph node")
-        self.bb = backbone
-        self.backbone = backbone.model
+        self.backbone = backbone
+        self.network = backbone.model
         if shared is not None:  # registered before the prompts: its parameters are named shared.*
             self.shared = shared
         self.prompts = nn.ModuleDict(sources)
@@ -208,3 +217,61 @@ class MultiTaskModel(nn.Module):
             rows_all.append(rows)
         order = torch.cat(rows_all)  # [B]: the batch row of each grouped row
         return torch.cat(logits_all)[torch.argsort(order)]  # [B, C] in batch order
+
+
+# -- assembling a task's model ----------------------------------------------------------------------
+def build_model(backbone: Backbone, spec, prompt: torch.Tensor | nn.Module, head: str | None = None,
+                label_temperature: float = 0.05, seed: int = 0) -> PromptedModel:
+    """A PromptedModel for one task. ``prompt`` is a [P, H] tensor or a prompt-source module."""
+    kind = resolve_head(spec, backbone, head)
+    if isinstance(prompt, torch.Tensor) and prompt.shape[-1] != backbone.hidden_size:
+        raise LibraryError(f"prompt of hidden size {prompt.shape[-1]} does not fit backbone '{backbone.name}' "
+                           f"of hidden size {backbone.hidden_size}")
+    source = prompt if isinstance(prompt, nn.Module) else SoftPrompt(prompt)
+    head_module = make_head(spec, backbone, kind, label_temperature=label_temperature, seed=seed)
+    pm = PromptedModel(backbone, source, head_module)
+    return pm.to(pm.device)  # prompt and head live where the backbone is
+
+
+def freeze_backbone(pm: nn.Module) -> None:
+    """No backbone weight trains (a PromptedModel's or a MultiTaskModel's network)."""
+    for p in pm.network.parameters():
+        p.requires_grad_(False)
+
+
+def trained_label_temperature(meta: dict, default: float = 0.05) -> float:
+    """The label-similarity temperature a library prompt was trained with (its run's config), else ``default``.
+
+    Single-task runs before label_temperature was its name wrote it as ``temperature``; in a multi-task run's
+    config ``temperature`` is the task-sampling temperature, so it never counts there."""
+    conf = meta.get("config") or {}
+    t = conf.get("label_temperature")
+    if t is None and "task" in conf:
+        t = conf.get("temperature")
+    return float(t) if t is not None else default
+
+
+def from_library(entry, backbone: Backbone, spec, head: str | None = None,
+                 label_temperature: float | None = None) -> PromptedModel:
+    """A PromptedModel for ``spec`` with a library prompt (its head weights when it was trained on that task,
+    its backbone delta when it was tuned jointly). ``label_temperature`` (label-similarity head) defaults to
+    the one the prompt was trained with."""
+    if label_temperature is None:
+        label_temperature = trained_label_temperature(entry.meta)
+    check_compatible(entry.meta, entry.name, backbone.name, backbone.family, backbone.hidden_size)
+    same_task = entry.meta.get("task") == spec.name
+    kind = head or (entry.meta.get("head") if same_task else None)
+    pm = build_model(backbone, spec, load_source(entry) or entry.prompt, head=kind,
+                     label_temperature=label_temperature)
+    head_state = entry.extra("head")
+    if head_state and same_task and pm.head.kind == "linear":
+        pm.head.proj.load_state_dict({k.split(".", 1)[1]: v for k, v in head_state.items()})
+    delta = entry.extra("backbone")
+    if delta:
+        missing = set(delta) - set(dict(pm.network.named_parameters()))
+        if missing:
+            raise LibraryError(f"prompt '{entry.name}' holds backbone weights '{sorted(missing)[0]}' that "
+                               f"'{backbone.name}' lacks; load it with the backbone it was tuned on "
+                               f"('{entry.meta.get('backbone')}')")
+        pm.network.load_state_dict(delta, strict=False)
+    return pm

@@ -37,7 +37,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from composer.atomic import atomic_write_text, swap_dir
-from composer.backbones import ALIASES
+from composer.backbones import ALIASES, alias_path
 from composer.errors import BackboneError, LibraryError
 from composer.library import META_FILE, Entry, Library
 
@@ -76,8 +76,6 @@ def _base_model(backbone: str | None) -> tuple[str | None, Path | None]:
     if not backbone:
         return None, None
     if backbone in ALIASES:
-        from composer.backbones import alias_path
-
         try:
             folder = alias_path(backbone)
         except BackboneError:

@@ -1,15 +1,24 @@
 """Soft prompts: a [P, H] parameter, its initialisations, and the prepend math.
 
-The math here is pure (tensors in, tensors out) so it is tested without a model.
+The math here is pure (tensors in, tensors out) so it is tested without a model; ``init_prompt`` turns an
+``--init`` value into a starting prompt for a backbone (from its vocabulary, a text, or the library).
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 from torch import nn
 
-INITS = ("random", "vocab", "text", "library")
+from composer.attention import load_source
+from composer.config import INITS
+from composer.errors import ComposerError
+from composer.library import Library, check_compatible
+
+log = logging.getLogger(__name__)
+
+__all__ = ["INITS", "prepend", "random_init", "vocab_init", "text_init", "init_prompt", "SoftPrompt"]
 
 
 def prepend(
@@ -85,3 +94,37 @@ class SoftPrompt(nn.Module):
     def static(self) -> torch.Tensor:
         """The [P, H] prompt to save."""
         return self.weight.detach()
+
+
+def init_prompt(init: str, length: int, backbone, spec=None, seed: int = 0,
+                library: Library | None = None) -> tuple[torch.Tensor | nn.Module, dict]:
+    """-> (prompt [P, H], provenance). ``init``: random | vocab | text | text:SOME WORDS | library:NAME.
+
+    ``backbone`` is a Backbone (its embeddings and tokenizer). A library entry that holds an attention
+    composer comes back as its prompt-source module (a MixtureSource), to go on training as one.
+    """
+    emb = backbone.input_embeddings().weight.detach().float().cpu()
+    g = torch.Generator().manual_seed(seed)
+    if init == "random":
+        return random_init(length, emb, g), {"init": "random", "seed": seed}
+    if init == "vocab":
+        specials = set(backbone.tokenizer.all_special_ids)
+        return vocab_init(length, emb, g, specials), {"init": "vocab", "seed": seed}
+    if init == "text" or init.startswith("text:"):
+        text = init[5:] if init.startswith("text:") else " ".join(w.strip() for w in (spec.label_words if spec else []))
+        ids = backbone.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ComposerError(f"--init {init!r}: the text is empty; give --init text:SOME WORDS")
+        return text_init(length, emb, ids), {"init": "text", "text": text}
+    if init.startswith("library:"):
+        name = init.split(":", 1)[1]
+        entry = (library or Library()).load(name)
+        check_compatible(entry.meta, name, backbone.name, backbone.family, backbone.hidden_size)
+        if entry.meta.get("backbone") not in (None, backbone.name):
+            log.warning("prompt '%s' was trained on '%s'; loading it into '%s' (same hidden size)",
+                        name, entry.meta.get("backbone"), backbone.name)
+        source = load_source(entry)  # an attention composer continues as a module
+        if source is not None:
+            return source, {"init": "library", "from": name, "composer": "attention"}
+        return entry.prompt.clone(), {"init": "library", "from": name}
+    raise ComposerError(f"unknown --init {init!r}: use random, vocab, text, text:WORDS or library:NAME")

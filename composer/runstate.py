@@ -78,6 +78,9 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def load_trainable(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     params = dict(model.named_parameters())
+    # checkpoints written before the backbone's network was registered as "network" named it "backbone"
+    tensors = {("network." + n[len("backbone."):] if n.startswith("backbone.") and n not in params else n): t
+               for n, t in tensors.items()}
     missing = [n for n in tensors if n not in params]
     if missing:
         raise TrainingError(f"checkpoint holds parameters this model lacks: {missing[:3]}")

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from composer.config import SIMILARITY_METRICS
 from composer.errors import ComposerError
 
 __all__ = [
@@ -61,7 +62,7 @@ __all__ = [
     "topk",
 ]
 
-METRICS = ("cos-avg", "euclid-avg", "cos-tok", "euclid-tok", "on")
+METRICS = SIMILARITY_METRICS
 
 METRIC_HELP = {
     "cos-avg": "cosine of the prompts averaged over their tokens (E_avg; SPoT); 1 = same direction",

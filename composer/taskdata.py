@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import numpy as np
 
+from composer import suite
 from composer.errors import TaskError
 from composer.tasks import DATA_HINT, QUOTING, TaskSpec, normalize_label, resolve_data_dir, split_config, split_entry
 
@@ -190,8 +191,6 @@ def _hub_rows(spec: TaskSpec, split: str) -> tuple[list[dict[str, Any]], str]:
 
 
 def _builtin_rows(spec: TaskSpec, split: str, seed: int) -> tuple[list[dict[str, Any]], str]:
-    from composer import suite  # lazy: the suite is generated code, not needed for file tasks
-
     splits = spec.data.get("splits")
     gen_split = split_entry(splits[split])["path"] if isinstance(splits, dict) and split in splits else split
     gen = spec.data["generator"]

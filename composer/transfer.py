@@ -14,15 +14,19 @@ import torch
 
 from composer import graph as G_
 from composer.backbones import Backbone, load_backbone
-from composer.build import Encoded, build_model, encode_split, from_library
+from composer.config import LINK_METRICS
+from composer.encoding import Encoded, encode_split, pad_batch
 from composer.errors import ComposerError, LibraryError
 from composer.evaluate import evaluate
 from composer.library import Library
-from composer.similarity import METRICS, capture_ffn_activations, check_metric, pairwise
+from composer.model import build_model, from_library
+from composer.similarity import capture_ffn_activations, check_metric, pairwise
+from composer.suite import generate
+from composer.taskdata import load_splits
+from composer.tasks import load_task
 
 log = logging.getLogger(__name__)
 
-LINK_METRICS = (*METRICS, "transfer")
 
 
 def _load(library: Library, names: list[str]):
@@ -36,9 +40,6 @@ def _load(library: Library, names: list[str]):
 
 def probe_batch(backbone: Backbone, n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed batch of built-in suite sentences (offline, deterministic): ids [n, T], mask [n, T]."""
-    from composer.encoding import pad_batch
-    from composer.suite import generate
-
     rows = generate("negated-polarity", "dev")[: n // 2] + generate("topic", "dev")[: n - n // 2]
     ids = backbone.tokenizer([r["sentence"] for r in rows], add_special_tokens=True)["input_ids"]
     return pad_batch(ids, backbone.tokenizer.pad_token_id)
@@ -105,21 +106,16 @@ def _stack(entries, metric: str) -> torch.Tensor:
 
 
 def _dev(spec, backbone: Backbone, data_dir, max_examples: int | None, split: str = "dev") -> Encoded:
-    from composer.taskdata import load_splits
-    from composer.train import _subset
-
     available = spec.split_names()
     split = split if split in available else ("dev" if "dev" in available else "test")
     ds = load_splits(spec, data_dir=data_dir, splits=[split], k_shot=0)[split]
-    return _subset(encode_split(spec, ds, backbone.tokenizer), max_examples, 0)
+    return encode_split(spec, ds, backbone.tokenizer).subset(max_examples, 0)
 
 
 def transfer_matrix(library: Library, prompts: list[str], tasks: list[str], model: str | None = None,
                     data_dir=None, max_examples: int | None = 500, split: str = "dev",
                     backbone: Backbone | None = None, device: str = "cpu") -> dict:
     """Zero-shot transfer: each prompt evaluated on each task's dev split -> {"scores": [[...]], ...}."""
-    from composer.tasks import load_task
-
     entries = _load(library, prompts)
     names = {e.meta.get("backbone") for e in entries}
     if backbone is None:
@@ -149,8 +145,6 @@ def link_graph(G, library: Library, metric: str = "cos-avg", top_k: int = 3, tar
     Prompt metrics need the target's own prompt (e.g. a short few-shot run); ``transfer`` does not: it
     scores each candidate prompt zero-shot on the target's dev split (SPoT's alternative to similarity).
     """
-    from composer.tasks import load_task
-
     if metric not in LINK_METRICS:
         raise ComposerError(f"unknown metric {metric!r}: use one of {', '.join(LINK_METRICS)}")
     if top_k < 1:

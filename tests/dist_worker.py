@@ -27,6 +27,7 @@ torch.set_num_threads(1)  # two processes on a small CPU: one thread each
 
 
 def run(conf: dict) -> None:
+    import composer.loop as L
     import composer.multitask as M
     import composer.runstate as R
     import composer.train as T
@@ -37,7 +38,7 @@ def run(conf: dict) -> None:
     multitask = conf.pop("_multitask", False)
     rank = int(os.environ.get("RANK", "0"))
     real_shard = T.shard
-    saved = (R._atomic_dir, T.atomic_write_text, M.atomic_write_text, M.shard, T.shard)
+    saved = (R._atomic_dir, L.atomic_write_text, M.shard, T.shard)
     seen = {}
 
     def record(what, fn):
@@ -59,14 +60,14 @@ def run(conf: dict) -> None:
     M.shard = watch_shard
     if write_log:
         R._atomic_dir = record("dir", saved[0])  # every folder write, train.py's and multitask.py's, goes through it
-        T.atomic_write_text = M.atomic_write_text = record("file", saved[1])
+        L.atomic_write_text = record("file", saved[1])  # and every file write (the shared run folder's)
     try:
         if multitask:
             M.train_multitask(M.MultiTaskConfig(**conf), progress=False)
         else:
             T.train(T.TrainConfig(**conf), progress=False)
     finally:
-        R._atomic_dir, T.atomic_write_text, M.atomic_write_text, M.shard, T.shard = saved
+        R._atomic_dir, L.atomic_write_text, M.shard, T.shard = saved
     if write_log:
         name = Path(conf.get("run_dir") or "run").name
         (Path(write_log) / f"seen-{name}-rank{rank}.json").write_text(json.dumps(seen))

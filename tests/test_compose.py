@@ -85,7 +85,7 @@ def test_model_based_strategies_save_with_provenance(setup, strategy, tmp_path):
 def test_attention_composer_continues_in_training_and_eval(setup, toy_task, tmp_path):
     lib, g, bert = setup
     compose(cc(g, strategy="attention", save="toy-att"))
-    r = train(TrainConfig(task="toy", model=str(bert), init="library:toy-att", steps=4, eval_every=2, batch_size=8,
+    r = train(TrainConfig(task="toy", backbone=str(bert), init="library:toy-att", steps=4, eval_every=2, batch_size=8,
                           run_dir=str(tmp_path / "run"), save="toy-att-tuned"), progress=False)
     e = lib.load("toy-att-tuned")
     assert e.extra("composer") is not None and e.meta["provenance"]["init"] == "library"
@@ -186,7 +186,7 @@ def test_backbone_runs_where_device_says(setup, strategy, monkeypatch):
     on_cpu = compose(cc(g, strategy=strategy, device="cpu", steps=2))
     auto = compose(cc(g, strategy=strategy, device="auto", steps=2))
     want = "cuda" if torch.cuda.is_available() else "cpu"
-    assert [next(bb.model.parameters()).device.type for bb in placed] == ["cpu", want]
+    assert [next(bb.network.parameters()).device.type for bb in placed] == ["cpu", want]
     if want == "cpu":  # the same device twice: the same numbers
         assert auto == on_cpu
     elif strategy == "best":

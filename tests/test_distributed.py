@@ -57,7 +57,7 @@ def env(root, monkeypatch) -> dict:
 
 
 def single(root: Path, name: str, **kw) -> dict:
-    base = {"task": str(root / "tasks" / "toy.yaml"), "model": str(root / "bert"), "prompt_length": 4,
+    base = {"task": str(root / "tasks" / "toy.yaml"), "backbone": str(root / "bert"), "prompt_length": 4,
             "steps": 6, "batch_size": 8, "lr": 0.1, "eval_every": 3, "max_eval": 16, "seed": 0,
             "run_dir": str(root / name)}
     return {**base, **kw}
@@ -65,7 +65,7 @@ def single(root: Path, name: str, **kw) -> dict:
 
 def multi(root: Path, name: str, **kw) -> dict:
     base = {"tasks": [str(root / "tasks" / "toy.yaml"), str(root / "tasks" / "toy3.yaml")],
-            "model": str(root / "bert"), "prompt_length": 4, "steps": 6, "batch_size": 8, "lr": 0.1,
+            "backbone": str(root / "bert"), "prompt_length": 4, "steps": 6, "batch_size": 8, "lr": 0.1,
             "eval_every": 3, "max_eval": 12, "seed": 0, "run_dir": str(root / name)}
     return {**base, **kw}
 
@@ -121,7 +121,7 @@ def test_two_processes_reach_the_parameters_of_one(root, env):
     assert any(len({t for t, _ in shard(plan.indices(s), r, 2)}) == 1 for s in range(6) for r in (0, 1))
     train_multitask(MultiTaskConfig(**multi(root, "one-mt", **MT)), progress=False)
     a, b = trainable(root / "one-mt"), trainable(root / "two-mt")
-    assert set(a) == set(b) and {"prompts.toy3.weight", "backbone.pooler.dense.bias"} <= set(a)
+    assert set(a) == set(b) and {"prompts.toy3.weight", "network.pooler.dense.bias"} <= set(a)
     for k in a:
         if k.endswith("attention.self.key.bias"):
             # its true gradient is 0 (softmax ignores a shift shared by all keys), so Adam scales float noise

@@ -11,7 +11,7 @@ from composer.train import TrainConfig, train
 
 def test_minilm_learns_negation(tmp_path):
     """Prompt tuning alone (the backbone frozen) lifts minilm from chance to well above it."""
-    r = train(TrainConfig(task="negation", model="minilm", steps=60, batch_size=16, lr=0.3, eval_every=30,
+    r = train(TrainConfig(task="negation", backbone="minilm", steps=60, batch_size=16, lr=0.3, eval_every=30,
                           max_eval=200, seed=0, save="negation-e2e", run_dir=str(tmp_path / "run")), progress=False)
     assert r["initial"]["score"] < 0.7
     assert r["dev"]["score"] >= 0.8, r
@@ -22,7 +22,7 @@ def test_minilm_learns_negation(tmp_path):
 
 def test_smollm2_loss_falls(tmp_path):
     """A short verbalizer run on the decoder: the dev loss goes down."""
-    r = train(TrainConfig(task="polarity", model="smollm2-135m", steps=12, batch_size=8, lr=0.1, eval_every=12,
+    r = train(TrainConfig(task="polarity", backbone="smollm2-135m", steps=12, batch_size=8, lr=0.1, eval_every=12,
                           max_eval=48, prompt_length=8, seed=0, run_dir=str(tmp_path / "run")), progress=False)
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [x["eval"]["loss"] for x in lines if "eval" in x]
@@ -36,7 +36,7 @@ def test_minilm_retrieval_finds_the_decomposition(tmp_path):
     from composer.transfer import similarity_matrix
 
     for task in ("polarity", "negated-polarity", "topic"):
-        train(TrainConfig(task=task, model="minilm", steps=150, eval_every=150, max_eval=200, seed=0,
+        train(TrainConfig(task=task, backbone="minilm", steps=150, eval_every=150, max_eval=200, seed=0,
                           save=f"{task}-r", run_dir=str(tmp_path / task)), progress=False)
     names = ["polarity-r", "negated-polarity-r", "topic-r"]
     hits = {}

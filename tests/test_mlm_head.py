@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from composer.backbones import load_backbone, wrap
-from composer.build import resolve_head
+from composer.heads import resolve_head
 from composer.errors import ComposerError, TaskError
 from composer.heads import insert_at
 from tests.test_model import batch, spec
@@ -51,7 +51,7 @@ def test_mlm_head_equals_manual_masked_lm(kind, tokenizer):
     ids, mask = batch(tokenizer)
     logits = pm(ids, mask)
     assert logits.shape == (3, 2)
-    prompt, emb = pm.prompt_source.weight, bb.model.get_input_embeddings()
+    prompt, emb = pm.prompt_source.weight, bb.network.get_input_embeddings()
     words = [tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in (" bad", " good")]
     for b in range(3):
         n = int(mask[b].sum())
@@ -59,7 +59,7 @@ def test_mlm_head_equals_manual_masked_lm(kind, tokenizer):
         m = emb(torch.tensor([[tokenizer.mask_token_id]]))
         full = torch.cat([x[:, :1], prompt[None], x[:, 1 : n - 1], m, x[:, n - 1 :]], 1)
         at = 1 + prompt.shape[0] + (n - 2)
-        logp = F.log_softmax(bb.model(inputs_embeds=full).logits[0, at], -1)
+        logp = F.log_softmax(bb.network(inputs_embeds=full).logits[0, at], -1)
         torch.testing.assert_close(logits[b], logp[words], atol=1e-4, rtol=1e-4)
 
 
@@ -69,7 +69,7 @@ def test_mlm_head_gives_the_prompt_a_gradient(tokenizer):
     F.cross_entropy(pm(ids, mask), torch.tensor([1, 0, 0])).backward()
     g = pm.prompt_source.weight.grad
     assert g is not None and g.abs().sum() > 0
-    assert all(p.grad is None for p in pm.backbone.parameters())
+    assert all(p.grad is None for p in pm.network.parameters())
 
 
 def test_loading_keeps_the_masked_lm_head_the_checkpoint_has(tokenizer, tiny_bert_dir, tmp_path):
@@ -87,7 +87,8 @@ def test_loading_keeps_the_masked_lm_head_the_checkpoint_has(tokenizer, tiny_ber
 
 
 def test_train_and_reload_with_the_mlm_head(toy_task, tokenizer, tmp_path):
-    from composer.build import encode_split, from_library
+    from composer.encoding import encode_split
+    from composer.model import from_library
     from composer.evaluate import predict, score
     from composer.library import Library
     from composer.taskdata import load_splits
@@ -97,11 +98,11 @@ def test_train_and_reload_with_the_mlm_head(toy_task, tokenizer, tmp_path):
     d = tmp_path / "mlm"
     tiny_mlm("bert").save_pretrained(d)
     tokenizer.save_pretrained(d)
-    r = train(TrainConfig(task=str(toy_task), model=str(d), prompt_length=4, steps=6, batch_size=8, lr=0.1,
+    r = train(TrainConfig(task=str(toy_task), backbone=str(d), prompt_length=4, steps=6, batch_size=8, lr=0.1,
                           eval_every=3, max_eval=40, run_dir=str(tmp_path / "run"), save="m"), progress=False)
     e = Library().load("m")
     assert e.meta["head"] == "mlm"
     spec_ = load_task(str(toy_task))
     pm = from_library(e, load_backbone(str(d)), spec_)
-    enc = encode_split(spec_, load_splits(spec_, splits=["dev"])["dev"], pm.bb.tokenizer)
+    enc = encode_split(spec_, load_splits(spec_, splits=["dev"])["dev"], pm.backbone.tokenizer)
     assert score(spec_, predict(pm, enc), enc)["score"] == pytest.approx(r["dev"]["score"])

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from composer.build import build_model, freeze_backbone, init_prompt
+from composer.model import build_model, freeze_backbone
+from composer.prompts import init_prompt
 from composer.model import set_activation_checkpointing
 from composer.prompts import prepend
 
@@ -64,8 +65,8 @@ def test_forward_equals_manual_concatenation(tiny_backbone, tokenizer):
     logits = pm(ids, mask)
     assert logits.shape == (3, 2)
     prompt = pm.prompt_source.weight
-    emb = bb.model.get_input_embeddings()
-    model = bb.model
+    emb = bb.network.get_input_embeddings()
+    model = bb.network
     for b in range(3):
         n = int(mask[b].sum())
         x = emb(ids[b : b + 1, :n])
@@ -107,14 +108,14 @@ def test_multi_token_label_words(fam, tokenizer):
         for c, w in enumerate(words):
             lab = tokenizer(w, add_special_tokens=False)["input_ids"]
             if fam == "decoder":
-                seq = torch.cat([prompt[None], bb.model.get_input_embeddings()(
+                seq = torch.cat([prompt[None], bb.network.get_input_embeddings()(
                     torch.tensor([ids[b, :n].tolist() + lab]))], 1)
-                logp = F.log_softmax(bb.model(inputs_embeds=seq).logits[0], -1)
+                logp = F.log_softmax(bb.network(inputs_embeds=seq).logits[0], -1)
                 start = prompt.shape[0] + n - 1
                 want = sum(logp[start + i, t] for i, t in enumerate(lab))
             else:
-                seq = torch.cat([prompt[None], bb.model.get_input_embeddings()(ids[b : b + 1, :n])], 1)
-                want = -bb.model(inputs_embeds=seq, labels=torch.tensor([lab])).loss * len(lab)
+                seq = torch.cat([prompt[None], bb.network.get_input_embeddings()(ids[b : b + 1, :n])], 1)
+                want = -bb.network(inputs_embeds=seq, labels=torch.tensor([lab])).loss * len(lab)
             torch.testing.assert_close(logits[b, c], want, atol=1e-4, rtol=1e-4)
 
 
@@ -142,7 +143,7 @@ def test_only_the_prompt_gets_gradients(tiny_backbone, tokenizer):
     trainable = [n for n, p in pm.named_parameters() if p.requires_grad]
     assert trainable == ["prompt_source.weight"]
     assert pm.prompt_source.weight.grad is not None and pm.prompt_source.weight.grad.abs().sum() > 0
-    assert all(p.grad is None for p in pm.backbone.parameters())
+    assert all(p.grad is None for p in pm.network.parameters())
 
 
 def test_linear_head_trains_beside_prompt(tiny_backbone, tokenizer):
@@ -163,7 +164,7 @@ def test_generation_same_with_and_without_cache(fam, tokenizer):
     pm = make(bb, P=5)
     ids, mask = batch(tokenizer)
     lengths = []  # the decoder loop's calls: the length of the embeddings each one feeds the backbone
-    hook = pm.backbone.register_forward_pre_hook(
+    hook = pm.network.register_forward_pre_hook(
         lambda m, args, kw: lengths.append(kw["inputs_embeds"].shape[1]) if "inputs_embeds" in kw else None,
         with_kwargs=True)
     on = pm.generate(ids, mask, max_new_tokens=8, use_cache=True)
@@ -187,13 +188,13 @@ def test_decoder_generation_matches_manual_greedy(tokenizer):
     pm = make(bb, P=3)
     ids, mask = batch(tokenizer, ["the film was"])
     got = pm.generate(ids, mask, max_new_tokens=5)
-    x = torch.cat([pm.prompt_source.weight[None], bb.model.get_input_embeddings()(ids)], 1)
+    x = torch.cat([pm.prompt_source.weight[None], bb.network.get_input_embeddings()(ids)], 1)
     want = []
     with torch.no_grad():
         for _ in range(got.shape[1]):
-            t = bb.model(inputs_embeds=x).logits[0, -1].argmax()
+            t = bb.network(inputs_embeds=x).logits[0, -1].argmax()
             want.append(int(t))
-            x = torch.cat([x, bb.model.get_input_embeddings()(t.view(1, 1))], 1)
+            x = torch.cat([x, bb.network.get_input_embeddings()(t.view(1, 1))], 1)
     assert got[0].tolist() == want
 
 
@@ -204,7 +205,7 @@ def test_inits_shapes_and_determinism(tiny_backbone):
         b, _ = init_prompt(init, 6, bb, spec(), seed=3)
         assert a.shape == (6, 32) and a.dtype == torch.float32
         assert torch.equal(a, b) and prov["init"] == init.split(":")[0]
-    emb = bb.model.get_input_embeddings().weight
+    emb = bb.network.get_input_embeddings().weight
     t, _ = init_prompt("text:hello", 3, bb, spec())
     hello = emb[bb.tokenizer("hello", add_special_tokens=False)["input_ids"][0]]
     assert torch.equal(t[0], hello) and torch.equal(t[2], hello)  # cycled to length P
@@ -230,14 +231,14 @@ def test_gradient_checkpointing_gives_the_same_prompt_gradient(tiny_backbone, to
     grads = []
     for on in (False, True):
         pm = make(tiny_backbone)
-        set_activation_checkpointing(pm.backbone, on)
-        assert any(getattr(m, "gradient_checkpointing", False) for m in pm.backbone.modules()) == on
-        pm.backbone.train()  # checkpointing acts in training mode only
+        set_activation_checkpointing(pm.network, on)
+        assert any(getattr(m, "gradient_checkpointing", False) for m in pm.network.modules()) == on
+        pm.network.train()  # checkpointing acts in training mode only
         torch.manual_seed(0)  # the same dropout masks in both passes (checkpointing replays the RNG state)
         F.cross_entropy(pm(ids, mask), y).backward()
         grads.append(pm.prompt_source.weight.grad.clone())
-        set_activation_checkpointing(pm.backbone, False)
-        assert not any(getattr(m, "gradient_checkpointing", False) for m in pm.backbone.modules())
+        set_activation_checkpointing(pm.network, False)
+        assert not any(getattr(m, "gradient_checkpointing", False) for m in pm.network.modules())
     assert grads[1].abs().sum() > 0
     torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
 

@@ -58,7 +58,7 @@ def tasks(tmp_path, monkeypatch) -> list[str]:
 
 
 def mcfg(tasks, tiny_bert_dir, tmp_path, **kw) -> MultiTaskConfig:
-    base = {"tasks": tasks, "model": str(tiny_bert_dir), "prompt_length": 4, "steps": 6, "batch_size": 8,
+    base = {"tasks": tasks, "backbone": str(tiny_bert_dir), "prompt_length": 4, "steps": 6, "batch_size": 8,
             "lr": 0.1, "eval_every": 3, "max_eval": 12, "eval_batch_size": 16, "seed": 0,
             "run_dir": str(tmp_path / "run")}
     return MultiTaskConfig(**{**base, **kw})
@@ -107,7 +107,7 @@ def test_mixture_plan_is_a_function_of_the_step():
 @pytest.mark.parametrize("T", [0.0, -1.0, float("nan")])
 def test_temperature_must_be_positive(T):
     with pytest.raises(TrainingError, match=r"--temperature must be > 0 .* got"):
-        MultiTaskConfig(tasks=["a", "b"], temperature=T)
+        MultiTaskConfig(tasks=["a", "b"], sampling_temperature=T)
 
 
 @pytest.mark.parametrize("kw,msg", [
@@ -165,13 +165,13 @@ def test_mixed_batch_routes_each_example_to_its_task_prompt(tasks, tiny_bert_dir
 
 
 def test_tasks_with_different_heads_train_in_one_batch(tasks, tiny_bert_dir, tmp_path):
-    from composer.train import _param_groups
+    from composer.loop import param_groups
 
     cfg = mcfg(tasks, tiny_bert_dir, tmp_path)
     mp = M.prepare_multitask(cfg)
     model = mp.model
     assert model.heads["toy"].kind == "label-similarity" and model.heads["toy3"].kind == "linear"
-    _param_groups(cfg.task_config("x"), model)  # freezes the backbone (prompt mode)
+    param_groups(cfg, model)  # freezes the backbone (prompt mode)
     pairs = [(0, 0), (1, 0), (0, 1), (1, 1), (1, 2)]
     b = M._batch(mp, model.tasks, pairs, mp.backbone.tokenizer.pad_token_id)
     loss = F.cross_entropy(model(b["input_ids"], b["attention_mask"], b["task_ids"]), b["labels"])
@@ -180,12 +180,12 @@ def test_tasks_with_different_heads_train_in_one_batch(tasks, tiny_bert_dir, tmp
     for name in ("prompts.toy.weight", "prompts.toy3.weight", "heads.toy3.proj.weight"):
         g = dict(model.named_parameters())[name].grad
         assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0, name
-    assert all(p.grad is None for p in model.backbone.parameters())
+    assert all(p.grad is None for p in model.network.parameters())
 
 
 # -- training -------------------------------------------------------------------------------------
 def test_train_keeps_a_best_checkpoint_and_library_entry_per_task(tasks, tiny_bert_dir, tmp_path):
-    cfg = mcfg(tasks, tiny_bert_dir, tmp_path, temperature=2.0, save_prefix="mt-")
+    cfg = mcfg(tasks, tiny_bert_dir, tmp_path, sampling_temperature=2.0, save_prefix="mt-")
     r = train_multitask(cfg, progress=False)
     assert r["tasks"] == ["toy", "toy3"] and r["steps"] == 6
     assert r["probabilities"]["toy"] == pytest.approx(math.sqrt(80) / (math.sqrt(80) + math.sqrt(48)))
@@ -232,7 +232,7 @@ def test_interrupt_then_resume_equals_uninterrupted(tasks, tiny_bert_dir, tmp_pa
 def test_resume_refuses_another_run(tasks, tiny_bert_dir, tmp_path):
     from composer.train import TrainConfig, train
 
-    train(TrainConfig(task=tasks[0], model=str(tiny_bert_dir), prompt_length=4, steps=1, eval_every=1,
+    train(TrainConfig(task=tasks[0], backbone=str(tiny_bert_dir), prompt_length=4, steps=1, eval_every=1,
                       max_eval=8, batch_size=4, run_dir=str(tmp_path / "single")), progress=False)
     with pytest.raises(TrainingError, match="that is a single-task run"):
         train_multitask(mcfg(tasks, tiny_bert_dir, tmp_path), resume=tmp_path / "single", progress=False)
@@ -271,7 +271,7 @@ nodes:
 
 
 def test_attention_module_is_shared_across_tasks(tasks, tiny_bert_dir, tmp_path):
-    from composer.compose import load_source
+    from composer.attention import load_source
 
     _save_prompt("src-a", str(tiny_bert_dir), seed=1)
     _save_prompt("src-b", str(tiny_bert_dir), seed=2)
@@ -301,17 +301,19 @@ def test_gradient_checkpointing_run_matches(tasks, tiny_bert_dir, tmp_path):
     train_multitask(mcfg(tasks, tiny_bert_dir, tmp_path, steps=3, run_dir=str(tmp_path / "a")), progress=False)
     cfg = mcfg(tasks, tiny_bert_dir, tmp_path, steps=3, run_dir=str(tmp_path / "b"), gradient_checkpointing=True)
     seen = []
-    real = M.set_activation_checkpointing
+    import composer.loop as L  # the shared optimizer set-up turns it on for both kinds of run
+
+    real = L.set_activation_checkpointing
 
     def spy(backbone, on):
         seen.append(on)
         real(backbone, on)
 
-    M.set_activation_checkpointing = spy
+    L.set_activation_checkpointing = spy
     try:
         train_multitask(cfg, progress=False)
     finally:
-        M.set_activation_checkpointing = real
+        L.set_activation_checkpointing = real
     assert seen == [True]
     a, b = checkpoint(tmp_path / "a"), checkpoint(tmp_path / "b")
     assert set(a) == set(b)
@@ -321,13 +323,17 @@ def test_gradient_checkpointing_run_matches(tasks, tiny_bert_dir, tmp_path):
 
 def test_config_shares_the_single_task_settings():
     """MultiTaskConfig is a TuningConfig: the shared settings, its own defaults, and the same checks."""
-    from composer.train import TrainConfig, TuningConfig
+    import dataclasses
+
+    from composer.config import TrainConfig, TuningConfig
 
     c = MultiTaskConfig(tasks="a,b", label_temperature=0.2, patience=2, gradient_checkpointing=True)
-    assert isinstance(c, TuningConfig) and (c.steps, c.batch_size, c.temperature) == (1000, 32, 1.0)
-    t = c.task_config("a")
-    assert isinstance(t, TrainConfig) and (t.label_temperature, t.patience, t.gradient_checkpointing) == (0.2, 2, True)
-    assert t.model == "minilm" and t.steps == 1000
+    assert isinstance(c, TuningConfig) and (c.steps, c.batch_size, c.sampling_temperature) == (1000, 32, 1.0)
+    assert (c.label_temperature, c.patience, c.gradient_checkpointing) == (0.2, 2, True)
+    shared = {f.name for f in dataclasses.fields(TuningConfig)}
+    assert shared <= {f.name for f in dataclasses.fields(TrainConfig)}
+    assert shared <= {f.name for f in dataclasses.fields(MultiTaskConfig)}
+    assert c.backbone is None  # the graph's backbone, else minilm, is filled in by prepare_multitask
     assert MultiTaskConfig.from_dict(c.to_dict()) == c
     with pytest.raises(TrainingError, match="--label-temperature must be > 0"):
         MultiTaskConfig(tasks="a,b", label_temperature=-1.0)

@@ -11,7 +11,7 @@ import torch
 peft = pytest.importorskip("peft", reason="peft is an optional extra: pip install prompt-composer[peft]")
 
 from composer.backbones import wrap  # noqa: E402
-from composer.build import build_model  # noqa: E402
+from composer.model import build_model  # noqa: E402
 from composer.errors import LibraryError  # noqa: E402
 from composer.library import Library  # noqa: E402
 from composer.peft_io import export_peft, import_peft  # noqa: E402
@@ -63,7 +63,7 @@ def test_decoder_export_loads_in_peft_with_identical_logits(tmp_path, tokenizer,
     with torch.no_grad():
         theirs = pmodel(input_ids=ids, attention_mask=mask).logits  # [B, P+T, V]
         embeds, full_mask, _ = pm.prompted(ids, mask)
-        ours = pm.backbone(inputs_embeds=embeds, attention_mask=full_mask).logits  # [B, P+T, V]
+        ours = pm.network(inputs_embeds=embeds, attention_mask=full_mask).logits  # [B, P+T, V]
         scores = pm(ids, mask)  # [B, C] verbalizer: log p(label word | prompt, input)
     real = full_mask.bool()
     assert theirs.shape == ours.shape
@@ -93,7 +93,7 @@ def test_encoder_decoder_export_is_encoder_side_only(tmp_path, tokenizer, lib):
     with torch.no_grad():
         theirs = pmodel(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits  # [B, 3, V]
         embeds, full_mask, _ = pm.prompted(ids, mask)
-        ours = pm.backbone(inputs_embeds=embeds, attention_mask=full_mask, decoder_input_ids=dec).logits
+        ours = pm.network(inputs_embeds=embeds, attention_mask=full_mask, decoder_input_ids=dec).logits
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
 
 

@@ -227,6 +227,7 @@ def test_builtin_source_calls_suite_generate(monkeypatch):
     import composer
 
     monkeypatch.setattr(composer, "suite", fake, raising=False)
+    monkeypatch.setattr("composer.taskdata.suite", fake)  # taskdata imports the suite at the top
     s = spec(data={"source": "builtin", "generator": "polarity", "seed": 3})
     ds = load_splits(s, seed=5)  # the run's seed does not change generated rows
     assert list(ds) == ["train", "dev", "test"] and ds["dev"]["text"] == ["polarity-dev-3"]

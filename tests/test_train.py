@@ -15,7 +15,7 @@ from composer.train import TrainConfig, train
 
 
 def cfg(toy_task, tiny_bert_dir, tmp_path, **kw):
-    base = dict(task=str(toy_task), model=str(tiny_bert_dir), prompt_length=4, steps=12, batch_size=8, lr=0.1,
+    base = dict(task=str(toy_task), backbone=str(tiny_bert_dir), prompt_length=4, steps=12, batch_size=8, lr=0.1,
                 eval_every=4, max_eval=40, seed=0, run_dir=str(tmp_path / "run"))
     base.update(kw)
     return TrainConfig(**base)
@@ -63,7 +63,7 @@ def test_interrupt_then_resume_equals_uninterrupted(toy_task, tiny_bert_dir, tmp
 
 def test_resume_refuses_another_task(toy_task, tiny_bert_dir, tmp_path):
     train(cfg(toy_task, tiny_bert_dir, tmp_path, steps=2, eval_every=2), progress=False)
-    other = cfg(toy_task, tiny_bert_dir, tmp_path, model="minilm")
+    other = cfg(toy_task, tiny_bert_dir, tmp_path, backbone="minilm")
     with pytest.raises(TrainingError, match="that run has model .* this one 'minilm'"):
         train(other, resume=tmp_path / "run", progress=False)
     with pytest.raises(TrainingError, match="that run has mode 'prompt', this one 'joint'"):
@@ -132,7 +132,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(toy_task, tiny_ber
     ({"unfreeze": "last:x"}, "bad --unfreeze 'last:x'"),
     ({"mode": "sideways"}, "unknown --mode 'sideways'"),
     ({"warmup": 1.5}, "--warmup is a fraction"),
-    ({"model": None}, "needs a backbone: give --model"),
+    ({"backbone": None}, "needs a backbone: give --model"),
     ({"mixed_precision": "fp8"}, "unknown --mixed-precision 'fp8'"),
     ({"patience": -1}, "--patience must be >= 0"),
 ])
@@ -156,8 +156,8 @@ def test_joint_mode_changes_exactly_the_chosen_weights(toy_task, tiny_bert_dir, 
     last = load_file(str(tmp_path / "run" / "checkpoint" / "trainable.safetensors"))  # the weights after step 3
     keep = T.backbone_filter(unfreeze, 2)
     expected = {n for n in before if keep(n)}
-    assert set(last) == {"prompt_source.weight"} | {f"backbone.{n}" for n in expected}
-    changed = {n for n in expected if not torch.equal(before[n], last[f"backbone.{n}"])}
+    assert set(last) == {"prompt_source.weight"} | {f"network.{n}" for n in expected}
+    changed = {n for n in expected if not torch.equal(before[n], last[f"network.{n}"])}
     if unfreeze == "none":
         assert not expected
     else:  # the optimizer touched (nearly) every chosen tensor; pooler weights get no gradient
@@ -168,7 +168,8 @@ def test_joint_mode_changes_exactly_the_chosen_weights(toy_task, tiny_bert_dir, 
 
 def test_save_and_reload_linear_head(toy_task, tiny_bert_dir, tmp_path):
     from composer.backbones import load_backbone
-    from composer.build import encode_split, from_library
+    from composer.encoding import encode_split
+    from composer.model import from_library
     from composer.evaluate import predict
     from composer.taskdata import load_splits
     from composer.tasks import load_task
@@ -179,7 +180,7 @@ def test_save_and_reload_linear_head(toy_task, tiny_bert_dir, tmp_path):
     assert e.meta["provenance"]["init"] == "random" and e.meta["task"] == "toy"
     spec = load_task(str(toy_task))
     pm = from_library(e, load_backbone(str(tiny_bert_dir)), spec)
-    enc = encode_split(spec, load_splits(spec, splits=["dev"])["dev"], pm.bb.tokenizer)
+    enc = encode_split(spec, load_splits(spec, splits=["dev"])["dev"], pm.backbone.tokenizer)
     from composer.evaluate import score
 
     assert score(spec, predict(pm, enc), enc)["score"] == pytest.approx(r["dev"]["score"])
@@ -215,7 +216,7 @@ def test_config_reads_back_what_older_runs_wrote(tmp_path):
 
 
 def test_prompt_loads_with_the_label_temperature_it_was_trained_with():
-    from composer.build import trained_label_temperature
+    from composer.model import trained_label_temperature
 
     assert trained_label_temperature({"config": {"task": "x", "label_temperature": 0.2}}) == 0.2
     assert trained_label_temperature({"config": {"task": "x", "temperature": 0.1}}) == 0.1  # older single-task
@@ -227,7 +228,7 @@ def test_prompt_loads_with_the_label_temperature_it_was_trained_with():
 
 def test_eval_scores_with_the_trained_label_temperature(toy_task, tiny_bert_dir, tmp_path):
     from composer.backbones import load_backbone
-    from composer.build import from_library
+    from composer.model import from_library
     from composer.tasks import load_task
 
     train(cfg(toy_task, tiny_bert_dir, tmp_path, head="label-similarity", label_temperature=0.5, steps=2,
