@@ -57,6 +57,7 @@ class AttentionComposer(nn.Module):
                     "layer_norm.weight", "layer_norm.bias")
     _CONFIG_KEYS = ("kind", "version", "num_candidates", "prompt_length", "hidden_size",
                     "rank", "temperature", "dropout")
+    _OPTIONAL_KEYS = ("input_size", "num_layers")
 
     def __init__(
         self,
@@ -66,10 +67,13 @@ class AttentionComposer(nn.Module):
         temperature: float | None = None,
         dropout: float = 0.0,
         seed: int | None = None,
+        input_size: int | None = None,
     ):
         super().__init__()
         stack = check_candidates(candidates).detach().float()  # [K, P, H]
         K, P, H = stack.shape
+        # a prefix's rows are D-wide keys and values while the input is H-wide: down maps H_in -> rank
+        self.input_size = int(input_size or H)
         if int(rank) < 1:
             raise ComposeError(f"rank (down-projection size) must be >= 1, got {rank}")
         if not 0.0 <= float(dropout) < 1.0:
@@ -89,7 +93,7 @@ class AttentionComposer(nn.Module):
         self.rank, self.dropout_p = int(rank), float(dropout)
         self.register_buffer("candidates", stack.clone().contiguous())  # [K, P, H], frozen
         self.target_prompt = nn.Parameter(target)  # [P, H]
-        self.down = nn.Linear(H, self.rank, bias=False, device=stack.device)
+        self.down = nn.Linear(self.input_size, self.rank, bias=False, device=stack.device)
         self.up = nn.Linear(self.rank, H, bias=False, device=stack.device)
         self.layer_norm = nn.LayerNorm(H, device=stack.device)
         self.dropout = nn.Dropout(self.dropout_p)
@@ -110,9 +114,9 @@ class AttentionComposer(nn.Module):
     def forward(self, input_embeds: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """input_embeds [B, T, H], attention_mask [B, T] (1 = token, 0 = pad) ->
         (prompts [B, P, H], weights [B, K+1]); weight column K is the target prompt's."""
-        if input_embeds.dim() != 3 or input_embeds.shape[-1] != self.hidden_size:
+        if input_embeds.dim() != 3 or input_embeds.shape[-1] != self.input_size:
             raise ComposeError(
-                f"input_embeds must be [B, T, H] with H = {self.hidden_size}, "
+                f"input_embeds must be [B, T, H] with H = {self.input_size}, "
                 f"got {list(input_embeds.shape)}"
             )
         B, T, H = input_embeds.shape
@@ -182,6 +186,8 @@ class AttentionComposer(nn.Module):
             "temperature": self.temperature,
             "dropout": self.dropout_p,
         }
+        if self.input_size != self.hidden_size:
+            config["input_size"] = self.input_size
         return tensors, config
 
     @classmethod
@@ -194,15 +200,16 @@ class AttentionComposer(nn.Module):
             )
         if config["kind"] != "attention":
             raise ComposeError(f"config kind must be 'attention', got {config['kind']!r}")
-        unknown = sorted(set(config) - set(cls._CONFIG_KEYS))
+        unknown = sorted(set(config) - set(cls._CONFIG_KEYS) - set(cls._OPTIONAL_KEYS))
         if unknown:
             logger.warning("attention composer config: ignoring unknown keys %s (newer version?)", unknown)
         missing = [k for k in cls._TENSOR_KEYS if k not in tensors]
         if missing:
             raise ComposeError(f"attention composer tensors lack {missing}")
         K, P, H, r = (int(config[k]) for k in ("num_candidates", "prompt_length", "hidden_size", "rank"))
+        H_in = int(config.get("input_size", H))
         expected = {
-            "candidates": (K, P, H), "target_prompt": (P, H), "down.weight": (r, H),
+            "candidates": (K, P, H), "target_prompt": (P, H), "down.weight": (r, H_in),
             "up.weight": (H, r), "layer_norm.weight": (H,), "layer_norm.bias": (H,),
         }
         for key, shape in expected.items():
@@ -212,7 +219,8 @@ class AttentionComposer(nn.Module):
                     f"expected {list(shape)} from the config"
                 )
         module = cls(tensors["candidates"], tensors["target_prompt"], rank=r,
-                     temperature=float(config["temperature"]), dropout=float(config["dropout"]), seed=0)
+                     temperature=float(config["temperature"]), dropout=float(config["dropout"]), seed=0,
+                     input_size=H_in)
         with torch.no_grad():
             module.down.weight.copy_(tensors["down.weight"])
             module.up.weight.copy_(tensors["up.weight"])
@@ -223,26 +231,43 @@ class AttentionComposer(nn.Module):
 
 # -- as a prompt source -------------------------------------------------------------------------------
 class MixtureSource(nn.Module):
-    """An AttentionComposer as a prompt source: forward(embeds [B, T, H], mask [B, T]) -> [B, P, H]."""
+    """An AttentionComposer as a prompt source: forward(embeds [B, T, H], mask [B, T]) -> [B, P, H].
 
-    def __init__(self, composer: AttentionComposer):
+    Over prefixes (``num_layers`` set) the composer mixes their flat views [L*2*P, D] (composer/prefix.py)
+    and this gives each example's prefix [B, L, 2, P, D]."""
+
+    def __init__(self, composer: AttentionComposer, num_layers: int | None = None):
         super().__init__()
         self.composer = composer
+        self.num_layers = num_layers
         self._static: Tensor | None = None
+
+    @property
+    def kind(self) -> str:
+        return "prefix" if self.num_layers else "prompt"
+
+    def _shape(self, x: Tensor) -> Tensor:
+        if not self.num_layers:
+            return x
+        P = x.shape[-2] // (2 * self.num_layers)
+        return x.reshape(*x.shape[:-2], self.num_layers, 2, P, x.shape[-1])
 
     def forward(self, embeds: Tensor, mask: Tensor | None = None) -> Tensor:
         prompts, _ = self.composer(embeds.float(), mask)
-        return prompts
+        return self._shape(prompts)
 
     def set_static(self, prompt: Tensor) -> None:
         self._static = prompt.detach()
 
     def static(self) -> Tensor:
         """The distilled prompt (set by distill_over) or, before that, the target prompt."""
-        return self._static if self._static is not None else self.composer.target_prompt.detach()
+        return self._static if self._static is not None else self._shape(self.composer.target_prompt.detach())
 
     def state_for_save(self):
-        return self.composer.state_for_save()
+        tensors, conf = self.composer.state_for_save()
+        if self.num_layers:
+            conf["num_layers"] = self.num_layers
+        return tensors, conf
 
 
 def load_source(entry) -> MixtureSource | None:
@@ -251,7 +276,7 @@ def load_source(entry) -> MixtureSource | None:
     if not tensors:
         return None
     conf = (entry.meta.get("provenance") or {}).get("composer_config") or {}
-    src = MixtureSource(AttentionComposer.from_saved(tensors, conf))
+    src = MixtureSource(AttentionComposer.from_saved(tensors, conf), num_layers=conf.get("num_layers"))
     src.set_static(entry.prompt)
     return src
 
@@ -272,7 +297,7 @@ def distill_over(pm, enc, batch_size: int = 64, limit: int = 512) -> Tensor:
     It becomes the source's static prompt (what the library stores as prompt_embeddings)."""
     src = pm.prompt_source
     idx = list(range(min(len(enc), limit)))
-    prompt = src.composer.distill(list(_embedded_batches(pm, enc, idx, batch_size)))
+    prompt = src._shape(src.composer.distill(list(_embedded_batches(pm, enc, idx, batch_size))))
     src.set_static(prompt)
     return prompt
 

@@ -29,6 +29,7 @@ from composer.errors import ComposeError
 from composer.evaluate import predict, score
 from composer.library import Library
 from composer.model import attention_kernels, build_model, freeze_backbone
+from composer.prefix import flat, is_prefix, unflat
 from composer.runstate import BatchPlan, progress_bar
 from composer.taskdata import load_splits
 from composer.tasks import load_task
@@ -83,6 +84,12 @@ def candidates(G, target: str, library: Library, metric: str | None = None, top_
         raise ComposeError(f"candidates of {target!r} missing from the library {library.root}: "
                            f"{'; '.join(missing)}; train them first")
     names = [c.prompt_name for c in out]
+    kinds = {c.prompt_name: c.meta.get("kind", "prompt") for c in out}
+    if len(set(kinds.values())) > 1:
+        raise ComposeError(f"candidates of {target!r} differ in kind: "
+                           + ", ".join(f"{k}={v}" for k, v in kinds.items())
+                           + "; compose one kind (a prompt becomes a prefix with `train TASK --kind prefix "
+                             "--init library:NAME`, which starts from the keys and values it induces)")
     for attr in ("hidden_size", "backbone"):
         vals = {c.prompt_name: c.meta.get(attr) for c in out}
         if len(set(vals.values())) > 1:
@@ -92,7 +99,7 @@ def candidates(G, target: str, library: Library, metric: str | None = None, top_
         raise ComposeError(f"candidates {names} are for backbone {out[0].meta.get('backbone')!r}, "
                            f"not {backbone!r}")
     if strategy != "concat":
-        lengths = {c.prompt_name: c.prompt.shape[0] for c in out}
+        lengths = {c.prompt_name: c.meta.get("length", c.prompt.shape[0]) for c in out}
         if len(set(lengths.values())) > 1:
             raise ComposeError(f"candidates of {target!r} differ in prompt length: "
                                + ", ".join(f"{k}={v}" for k, v in lengths.items())
@@ -123,7 +130,14 @@ def compose(cfg: ComposeConfig, library: Library | None = None, backbone: Backbo
     cands = candidates(G, cfg.target, library, cfg.metric, cfg.top_k, cfg.strategy,
                        backbone=cfg.backbone or G.graph.get("backbone"))
     names = [c.node for c in cands]
-    stack = None if cfg.strategy == "concat" else torch.stack([c.prompt for c in cands])  # [K, P, H]
+    # prefixes [L, 2, P, D] are mixed as their flat views [L*2*P, D] (a stack of per-layer prompts)
+    num_layers = cands[0].prompt.shape[0] if is_prefix(cands[0].prompt) else None
+
+    def to_model(p: torch.Tensor) -> torch.Tensor:
+        """A mixed [P, H] (or flat prefix) -> what the model takes: the prompt, or the [L, 2, P, D] prefix."""
+        return unflat(p, num_layers) if num_layers else p
+
+    stack = None if cfg.strategy == "concat" else torch.stack([flat(c.prompt) for c in cands])  # [K, P, H]
     spec = load_task(G.nodes[cfg.target].get("task") or cfg.target)
     needs_model = cfg.strategy in ("best", "linear", "attention")
     bb = backbone
@@ -139,7 +153,10 @@ def compose(cfg: ComposeConfig, library: Library | None = None, backbone: Backbo
     torch.manual_seed(cfg.seed)
 
     if cfg.strategy == "concat":
-        prompt = mixing.concat([c.prompt for c in cands])
+        if num_layers:  # along P within every layer's keys and values
+            prompt = torch.cat([c.prompt for c in cands], dim=2)
+        else:
+            prompt = mixing.concat([c.prompt for c in cands])
         weights = [1.0] * len(cands)
     elif cfg.strategy == "average":
         w = [c.weight if c.weight is not None else 1.0 for c in cands]
@@ -147,15 +164,17 @@ def compose(cfg: ComposeConfig, library: Library | None = None, backbone: Backbo
             prompt, wt = mixing.average(stack, torch.tensor(w), normalise="sum")
         else:
             prompt, wt = mixing.average(stack, torch.tensor(w), temperature=cfg.mix_temperature)
+        prompt = to_model(prompt)
         weights = wt.tolist()
     else:
         shots = _few_shot(spec, bb, cfg.shots, cfg.seed, cfg.data_dir)
-        pm = build_model(bb, spec, stack[0].clone(), seed=cfg.seed)  # where the backbone is
+        pm = build_model(bb, spec, to_model(stack[0]).clone(), seed=cfg.seed)  # where the backbone is
         freeze_backbone(pm)
         pm.eval()  # deterministic scores while choosing
         result["shots"] = len(shots)
         if cfg.strategy == "best":
             def score_fn(p):
+                p = to_model(p)
                 if cfg.steps <= 0:
                     return score(spec, predict(pm, shots, prompt=p), shots)["score"]
                 tuned = build_model(bb, spec, p.clone(), seed=cfg.seed)
@@ -164,7 +183,7 @@ def compose(cfg: ComposeConfig, library: Library | None = None, backbone: Backbo
                 return score(spec, predict(tuned, shots), shots)["score"]
 
             i, scores = mixing.pick_best(stack, score_fn)
-            prompt = stack[i].clone()
+            prompt = to_model(stack[i]).clone()
             weights = [1.0 if j == i else 0.0 for j in range(len(cands))]
             result["scores"] = [float(s) for s in scores]
         elif cfg.strategy == "linear":
@@ -172,7 +191,8 @@ def compose(cfg: ComposeConfig, library: Library | None = None, backbone: Backbo
             b = _to(shots.batch(range(len(shots)), pad), device)
 
             def loss_fn(p):
-                return F.cross_entropy(pm(b["input_ids"], b["attention_mask"], prompt=p).float(), b["labels"])
+                logits = pm(b["input_ids"], b["attention_mask"], prompt=to_model(p))
+                return F.cross_entropy(logits.float(), b["labels"])
 
             with progress_bar(f"compose {cfg.target}: linear ({cfg.method})", unit="eval") as bar:
                 def tick(n, best):
@@ -181,15 +201,15 @@ def compose(cfg: ComposeConfig, library: Library | None = None, backbone: Backbo
 
                 res = mixing.optimize_linear(stack, loss_fn, method=cfg.method, l1=cfg.l1, seed=cfg.seed,
                                              on_eval=tick)
-            prompt = mixing.combine(torch.as_tensor(res.weights, dtype=torch.float32), stack).detach()
+            prompt = to_model(mixing.combine(torch.as_tensor(res.weights, dtype=torch.float32), stack).detach())
             weights = [float(x) for x in res.weights]
             result["optimizer"] = {k: v for k, v in res.to_dict().items() if k != "history"}
             if not res.converged:
                 log.warning("linear weights did not converge (%s); keeping the best found (loss %.4f)",
                             res.message, res.loss)
         else:  # attention
-            comp = AttentionComposer(stack, temperature=cfg.mix_temperature, seed=cfg.seed)
-            pm = build_model(bb, spec, MixtureSource(comp), seed=cfg.seed)
+            comp = AttentionComposer(stack, temperature=cfg.mix_temperature, seed=cfg.seed, input_size=bb.hidden_size)
+            pm = build_model(bb, spec, MixtureSource(comp, num_layers=num_layers), seed=cfg.seed)
             freeze_backbone(pm)
             if cfg.steps > 0:
                 _fit(pm, shots, cfg.steps, cfg.lr, cfg.seed)
@@ -200,7 +220,7 @@ def compose(cfg: ComposeConfig, library: Library | None = None, backbone: Backbo
                                    for c in range(spec.num_labels)}
             prompt = distill_over(pm, shots)
             if not cfg.distill:
-                tensors, conf = comp.state_for_save()
+                tensors, conf = pm.prompt_source.state_for_save()  # the source's: it knows a prefix's layers
                 extras["composer"] = tensors
                 provenance["composer_config"] = conf
             provenance["distilled"] = bool(cfg.distill)
@@ -211,6 +231,7 @@ def compose(cfg: ComposeConfig, library: Library | None = None, backbone: Backbo
                           prompts=[c.prompt_name for c in cands], weights=weights, metric=cfg.metric,
                           shots=cfg.shots if needs_model else None, seed=cfg.seed, top_k=cfg.top_k)
         meta = {"task": spec.name, "backbone": cands[0].meta.get("backbone"), "family": cands[0].meta.get("family"),
+                "hidden_size": cands[0].meta.get("hidden_size"), "kind": "prefix" if num_layers else "prompt",
                 "head": cands[0].meta.get("head"), "metrics": {}, "config": vars(cfg).copy(),
                 "provenance": provenance}
         library.save(cfg.save, prompt, meta, extras=extras)

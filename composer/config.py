@@ -28,6 +28,9 @@ from composer.errors import BackboneError, ComposeError, TrainingError
 FAMILIES = ("encoder", "decoder", "encoder-decoder")
 HEADS = ("verbalizer", "label-similarity", "mlm", "linear")
 DEFAULT_HEAD = {"encoder": "label-similarity", "decoder": "verbalizer", "encoder-decoder": "verbalizer"}
+KINDS = ("prompt", "prefix")
+"""prompt: P vectors in front of the input embeddings; prefix: P keys and values in front of every attention
+layer's (deep prompt tuning: prefix tuning, P-tuning v2; composer/prefix.py)."""
 INITS = ("random", "vocab", "text", "library")
 """Prompt initialisations; ``text`` and ``library`` also take an argument (text:WORDS, library:NAME)."""
 MODES = ("prompt", "joint")
@@ -123,7 +126,12 @@ class TuningConfig(_Config):
                                flag="--model")
     head: str | None = opt(None, "Scoring head (default: label-similarity on encoders, mlm when the checkpoint "
                                  "has its MLM head, else verbalizer).", choices=HEADS)
+    kind: str = opt("prompt", "prompt: virtual tokens in front of the input; prefix: keys and values in front of "
+                              "every attention layer (prefix tuning / P-tuning v2; learns on small backbones).",
+                    choices=KINDS)
     prompt_length: int = opt(20, "P, the number of virtual tokens (library inits bring their own).")
+    prefix_projection: int = opt(0, "--kind prefix: train it through an MLP of this width (folded away on "
+                                    "save; 0: no reparameterisation).")
     init: str = opt("random", "Prompt init: random | vocab | text | text:WORDS | library:NAME.")
     mode: str = opt("prompt", "prompt: only the prompt (and head) train; joint: the backbone too.", choices=MODES)
     unfreeze: str = opt("all", "Joint mode, which backbone weights train: all | last:N | bias | none.")
@@ -177,6 +185,15 @@ class TuningConfig(_Config):
         if self.mixed_precision not in PRECISIONS:
             raise TrainingError(f"unknown --mixed-precision {self.mixed_precision!r}: use one of "
                                 f"{', '.join(PRECISIONS)}")
+        if self.kind not in KINDS:
+            raise TrainingError(f"unknown --kind {self.kind!r}: use one of {', '.join(KINDS)}")
+        if self.prefix_projection < 0:
+            raise TrainingError(f"--prefix-projection must be >= 0, got {self.prefix_projection}")
+        if self.prefix_projection and self.kind != "prefix":
+            raise TrainingError("--prefix-projection reparameterises a prefix: add --kind prefix or drop it")
+        if self.kind == "prefix" and self.gradient_checkpointing:
+            raise TrainingError("--kind prefix with --gradient-checkpointing: recomputing a layer in backward "
+                                "would append the prefix to its keys a second time; drop one of the two")
         parse_unfreeze(self.unfreeze)
 
 

@@ -141,7 +141,7 @@ def render_report(report: dict) -> str:
     c = report["config"]
     parts = [
         "# prompt-composer demo report", "",
-        f"Backbone `{c['model']}`, graph `{c['graph']}`, prompt length {c['prompt_length']}, seed {c['seed']}. "
+        f"Backbone `{c['backbone']}`, graph `{c['graph']}`, prompt length {c['prompt_length']}, seed {c['seed']}. "
         f"Every arm on a target is tuned for {c['target_steps']} steps on {c['k_shot']} training examples per class "
         f"(batch {c['batch_size']}, prompt lr {c['lr']}); dev accuracy on {c['max_eval']} held-out examples "
         f"(the checkpoint with the best dev accuracy is kept, the init included), test accuracy on the whole test split. "

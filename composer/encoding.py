@@ -2,34 +2,33 @@
 
 The template's literal text (e.g. "Question: ... Answer:") is never cut: when the rendered input is
 too long, the longest input field loses tokens until the whole fits in ``max_length``.
+
+Templates have str.format's syntax, restricted: ``{field}`` is replaced by ``str(row[field])`` (the
+value is inserted as is, never re-read as a template), ``{{`` and ``}}`` are literal braces, and
+format specs (``{x:>3}``), conversions (``{x!r}``), ``{}`` and ``{a.b}`` are rejected. The renderer
+lives in composer/templates.py (no torch: composer.tasks validates templates with it); it is the only one.
 """
 from __future__ import annotations
 
-import re
-import string
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from composer.errors import TaskError
-
-_FIELD = re.compile(r"{(\w+)}")
-
-
-def template_fields(template: str) -> list[str]:
-    return [f for _, f, _, _ in string.Formatter().parse(template) if f]
+from composer.templates import TemplateError, parse_template, render, template_fields  # noqa: F401 (re-exported)
 
 
-def render(template: str, row: dict) -> str:
-    return _FIELD.sub(lambda m: str(row[m.group(1)]), template)
+def _n_tail_special(tokenizer, ids: list[int]) -> int:
+    """How many special tokens end ``ids`` ([SEP] for BERT, </s> for T5, none for Llama)."""
+    special, n = set(tokenizer.all_special_ids), 0
+    while n < len(ids) and ids[len(ids) - 1 - n] in special:
+        n += 1
+    return n
 
 
-def _n_special(tokenizer) -> int:
-    return len(tokenizer("", add_special_tokens=True)["input_ids"]) - len(
-        tokenizer("", add_special_tokens=False)["input_ids"])
-
-
-def encode_row(tokenizer, template: str, row: dict, max_length: int) -> list[int]:
+def encode_row(tokenizer, template: str, row: Mapping[str, Any], max_length: int) -> list[int]:
     """One row -> token ids (special tokens included), at most ``max_length`` long."""
     ids = tokenizer(render(template, row), add_special_tokens=True)["input_ids"]
     if len(ids) <= max_length:
@@ -41,14 +40,16 @@ def encode_row(tokenizer, template: str, row: dict, max_length: int) -> list[int
         over = len(ids) - max_length
         if over <= 0:
             return ids
-        longest = max(fields, key=lambda f: len(toks[f]))
+        longest = max(fields, key=lambda f: len(toks[f]), default=None)
+        if longest is None or not toks[longest]:
+            break  # every field is already empty
         keep = max(len(toks[longest]) - over - 1, 0)
         toks[longest] = toks[longest][:keep]
         row[longest] = tokenizer.decode(toks[longest], skip_special_tokens=True)
         ids = tokenizer(render(template, row), add_special_tokens=True)["input_ids"]
     # the template alone does not fit: keep its head and the special tokens at the end
-    n = _n_special(tokenizer)
-    return ids[: max_length - n] + ids[len(ids) - n :] if n else ids[:max_length]
+    n = _n_tail_special(tokenizer, ids)
+    return ids[: max_length - n] + ids[len(ids) - n :] if 0 < n < max_length else ids[:max_length]
 
 
 def encode_rows(tokenizer, template: str, rows, max_length: int) -> list[list[int]]:

@@ -96,10 +96,11 @@ class VerbalizerHead(nn.Module):
         labels = torch.full((C, m), -100, dtype=torch.long, device=dev)
         for c, t in enumerate(self.label_token_ids):
             labels[c, : len(t)] = torch.tensor(t, device=dev)
-        enc = pm.network.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        with pm.using_prefix(None):  # a prefix sits in the decoder (below)
+            enc = pm.hidden(embeds, mask)
         dec_in = pm.network.prepare_decoder_input_ids_from_labels(labels=labels)  # [C, m]
         out = pm.network(encoder_outputs=(enc.repeat_interleave(C, 0),), attention_mask=mask.repeat_interleave(C, 0),
-                          decoder_input_ids=dec_in.repeat(B, 1))
+                         decoder_input_ids=dec_in.repeat(B, 1), **pm.decoder_prefix(B * C))
         logp = F.log_softmax(out.logits.float(), dim=-1)  # [B*C, m, V]
         lab = labels.repeat(B, 1)
         tok = logp.gather(-1, lab.clamp(min=0)[..., None]).squeeze(-1)
@@ -148,7 +149,8 @@ class MaskedLMHead(nn.Module):
             h = pm.hidden(x, m)[rows, at]  # [B, H]
             logits = head(h[:, None])[:, 0]  # [B, V]
         else:
-            logits = lm(inputs_embeds=x, attention_mask=m).logits[rows, at]
+            kw, m = pm._with_prefix(len(x), m)
+            logits = lm(inputs_embeds=x, attention_mask=m, **kw).logits[rows, at]
         ids = torch.tensor(self.label_token_ids, device=logits.device)
         return F.log_softmax(logits.float(), dim=-1)[:, ids]  # [B, C]
 
@@ -183,8 +185,8 @@ class LabelSimilarityHead(nn.Module):
         was_training = pm.network.training
         if not trainable:  # a frozen backbone encodes the labels without dropout, once
             pm.network.eval()
-        try:
-            with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
+        try:  # the label descriptions are encoded without the task's prefix (like without its prompt)
+            with torch.set_grad_enabled(trainable and torch.is_grad_enabled()), pm.using_prefix(None):
                 e = pm.embed(self.label_input_ids)
                 h = mean_pool(pm.hidden(e, self.label_mask), self.label_mask)
                 h = F.normalize(h.float(), dim=-1)  # [C, H]

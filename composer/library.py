@@ -40,7 +40,7 @@ PROMPT_FILE = "prompt.safetensors"
 META_FILE = "prompt.json"
 PROMPT_KEY = "prompt_embeddings"
 KNOWN_KEYS = {"name", "task", "backbone", "family", "hidden_size", "length", "head", "metrics", "config",
-              "provenance", "version", "created", "extras"}
+              "provenance", "version", "created", "extras", "kind", "prefix_shape"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]{0,127}$")
 
 
@@ -137,6 +137,11 @@ class Library:
         if PROMPT_KEY not in tensors:
             raise LibraryError(f"prompt '{name}': {PROMPT_FILE} has no '{PROMPT_KEY}' tensor (keys: {sorted(tensors)})")
         prompt = tensors[PROMPT_KEY]
+        if meta.get("kind", "prompt") == "prefix":
+            if prompt.dim() != 4 or list(prompt.shape) != list(meta.get("prefix_shape") or prompt.shape):
+                raise LibraryError(f"prompt '{name}': a prefix must be an [L, 2, P, D] tensor of shape "
+                                   f"{meta.get('prefix_shape')} (prompt.json), got {tuple(prompt.shape)}")
+            return Entry(name=name, prompt=prompt.float(), meta=meta, path=d)
         if prompt.dim() != 2:
             raise LibraryError(f"prompt '{name}': expected a [P, H] tensor, got shape {tuple(prompt.shape)}")
         want = (meta.get("length"), meta.get("hidden_size"))
@@ -158,13 +163,24 @@ class Library:
 
     def save(self, name: str, prompt: torch.Tensor, meta: dict,
              extras: dict[str, dict[str, torch.Tensor]] | None = None, overwrite: bool = True) -> Path:
-        """Write NAME atomically. ``extras`` maps a file stem to tensors (e.g. {"head": {...}})."""
+        """Write NAME atomically. ``extras`` maps a file stem to tensors (e.g. {"head": {...}}).
+
+        ``prompt`` is a [P, H] prompt, or with ``meta["kind"] == "prefix"`` an [L, 2, P, D] prefix (then
+        ``meta["hidden_size"]`` names the backbone's H, which a prefix's shape does not say)."""
         check_name(name)
-        if prompt.dim() != 2:
+        meta = dict(meta)
+        prefix = meta.get("kind", "prompt") == "prefix"
+        if prefix and (prompt.dim() != 4 or prompt.shape[1] != 2 or "hidden_size" not in meta):
+            raise LibraryError(f"prompt '{name}': a prefix is an [L, 2, P, D] tensor with the backbone's "
+                               f"hidden_size in its meta, got shape {tuple(prompt.shape)}")
+        if not prefix and prompt.dim() != 2:
             raise LibraryError(f"prompt '{name}': expected a [P, H] tensor, got shape {tuple(prompt.shape)}")
         prompt = prompt.detach().to("cpu", torch.float32).contiguous()
-        meta = dict(meta)
-        meta.update(name=name, length=prompt.shape[0], hidden_size=prompt.shape[1], version=__version__,
+        if prefix:
+            meta.update(length=prompt.shape[2], prefix_shape=list(prompt.shape))
+        else:
+            meta.update(kind="prompt", length=prompt.shape[0], hidden_size=prompt.shape[1])
+        meta.update(name=name, version=__version__,
                     created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
         meta["extras"] = sorted(extras or {})
         self.root.mkdir(parents=True, exist_ok=True)

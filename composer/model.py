@@ -14,7 +14,6 @@ Names: ``backbone`` is the Backbone (composer/backbones.py: network, tokenizer, 
 from __future__ import annotations
 
 import contextlib
-import inspect
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +21,11 @@ from torch import nn
 
 from composer.attention import load_source
 from composer.backbones import Backbone
-from composer.errors import LibraryError, TrainingError
+from composer.errors import ComposerError, LibraryError, TrainingError
 from composer.heads import make_head, resolve_head
 from composer.library import check_compatible
+from composer.prefix import PrefixPrompt, cache_keyword, check_reaches, is_prefix, prefix_cache
+from composer.prefix import geometry as prefix_geometry
 from composer.prompts import SoftPrompt, prepend
 
 
@@ -61,18 +62,19 @@ def attention_kernels(device: torch.device | str):
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
-def _cache_name(backbone: nn.Module) -> str:
-    """The keyword (and output field) of the key/value cache: "cache" from transformers 5.24, else "past_key_values"."""
-    return "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
-
-
 class PromptedModel(nn.Module):
+    """A backbone with a prompt source and a head. The prompt source gives either input-level prompts
+    [B, P, H] (prepended to the input embeddings) or prefixes [B, L, 2, P, D] (prepended to every attention
+    layer's keys and values through the backbone's cache; composer/prefix.py)."""
+
     def __init__(self, backbone: Backbone, prompt_source: nn.Module, head: nn.Module):
         super().__init__()
         self.backbone = backbone
         self.network = backbone.model  # registered, so .to(device) and state_dict see it
         self.prompt_source = prompt_source
         self.head = head
+        self._prefix: torch.Tensor | None = None  # the prefix of the forward under way: [B, L, 2, P, D]
+        self._geometry = None
 
     # -- the backbone pieces the heads need -------------------------------------------------
     @property
@@ -85,6 +87,17 @@ class PromptedModel(nn.Module):
         return self.backbone.family
 
     @property
+    def kind(self) -> str:
+        """prompt | prefix: what the prompt source gives."""
+        return getattr(self.prompt_source, "kind", "prompt")
+
+    @property
+    def geometry(self):
+        if self._geometry is None:
+            self._geometry = prefix_geometry(self.network, self.family)
+        return self._geometry
+
+    @property
     def after_first(self) -> bool:
         """BERT-style encoders keep [CLS] in front of the prompt."""
         tok = self.backbone.tokenizer
@@ -95,27 +108,71 @@ class PromptedModel(nn.Module):
         return self.network.get_input_embeddings()(input_ids)
 
     def prompted(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 prompt: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """-> (embeds [B, P+T, H], mask [B, P+T], P)."""
+                 prompt: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]:
+        """-> (embeds [B, P+T, H], mask [B, P+T], P, None) for a prompt, or (embeds [B, T, H], mask [B, T],
+        0, prefix [B, L, 2, P, D]) for a prefix (which the backbone's attention reads; see ``using_prefix``)."""
         embeds = self.embed(input_ids)
         if prompt is None:
-            prompt = self.prompt_source(embeds, attention_mask)  # [B, P, H]
+            prompt = self.prompt_source(embeds, attention_mask)  # [B, P, H] or [B, L, 2, P, D]
+        if is_prefix(prompt):
+            B = embeds.shape[0]
+            prefix = prompt if prompt.dim() == 5 else prompt.unsqueeze(0).expand(B, *prompt.shape)
+            return embeds, attention_mask, 0, prefix.to(embeds.dtype)
         out, mask = prepend(embeds, attention_mask, prompt, after_first=self.after_first)
-        return out, mask, prompt.shape[-2]
+        return out, mask, prompt.shape[-2], None
+
+    @contextlib.contextmanager
+    def using_prefix(self, prefix: torch.Tensor | None):
+        """Every backbone pass inside the block reads ``prefix`` [B, L, 2, P, D] (None: no prefix)."""
+        old, self._prefix = self._prefix, prefix
+        try:
+            yield
+        finally:
+            self._prefix = old
+
+    def _with_prefix(self, rows: int, mask: torch.Tensor | None):
+        """The prefix for a pass over ``rows`` rows (each example's prefix repeated when the head runs several
+        rows per example) -> (cache keyword arguments, the mask with P ones in front)."""
+        pre = self._prefix
+        if pre is None:
+            return {}, mask
+        if rows != pre.shape[0]:
+            if rows % pre.shape[0]:
+                raise ComposerError(f"a pass over {rows} rows cannot take a prefix for {pre.shape[0]} examples")
+            pre = pre.repeat_interleave(rows // pre.shape[0], 0)
+        kw = {cache_keyword(self.network): prefix_cache(pre, self.geometry, self.family)}
+        if mask is not None:
+            mask = torch.cat([mask.new_ones(rows, pre.shape[3]), mask], 1)
+        return kw, mask
+
+    def run_network(self, embeds: torch.Tensor, mask: torch.Tensor, prefix: torch.Tensor | None) -> torch.Tensor:
+        """Last hidden states [B, T, H] of ``embeds`` with an explicit prefix (None: none)."""
+        with self.using_prefix(prefix):
+            return self.hidden(embeds, mask)
 
     def hidden(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Last hidden states of the encoder side (or the decoder stack): [B, T, H]."""
         if self.family == "encoder-decoder":
+            if self._prefix is not None:
+                raise ComposerError("a prefix on an encoder-decoder reaches its decoder, and this head reads the "
+                                    "encoder: use --head verbalizer (or --kind prompt)")
             return self.network.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        kw, mask = self._with_prefix(embeds.shape[0], mask)
         # base_model: the stack under the LM head (decoders, encoders loaded with their masked-LM head); a bare
         # encoder is its own base model
-        return self.network.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        return self.network.base_model(inputs_embeds=embeds, attention_mask=mask, **kw).last_hidden_state
+
+    def decoder_prefix(self, rows: int) -> dict:
+        """Keyword arguments that put the prefix in an encoder-decoder's decoder (empty without a prefix)."""
+        kw, _ = self._with_prefix(rows, None)
+        return kw
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 prompt: torch.Tensor | None = None) -> torch.Tensor:
         with attention_kernels(input_ids.device):
-            embeds, mask, P = self.prompted(input_ids, attention_mask, prompt)
-            return self.head(self, embeds, mask, P)
+            embeds, mask, P, prefix = self.prompted(input_ids, attention_mask, prompt)
+            with self.using_prefix(prefix):
+                return self.head(self, embeds, mask, P)
 
     # -- generation -------------------------------------------------------------------------
     @torch.no_grad()
@@ -134,7 +191,10 @@ class PromptedModel(nn.Module):
     def _generate(self, input_ids, attention_mask, max_new_tokens, use_cache, prompt) -> torch.Tensor:
         tok = self.backbone.tokenizer
         if self.family == "encoder-decoder":
-            embeds, mask, _ = self.prompted(input_ids, attention_mask, prompt)
+            embeds, mask, _, prefix = self.prompted(input_ids, attention_mask, prompt)
+            if prefix is not None:
+                raise ComposerError("generation with a prefix on an encoder-decoder is not supported yet; "
+                                    "use --kind prompt there (decoders generate with either kind)")
             out = self.network.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
                                          do_sample=False, use_cache=use_cache, num_beams=1)
             start = self.network.config.decoder_start_token_id
@@ -145,19 +205,25 @@ class PromptedModel(nn.Module):
         shift = (T - lengths).tolist()
         ids = torch.stack([torch.roll(row, s) for row, s in zip(input_ids, shift)])
         am = torch.stack([torch.roll(row, s) for row, s in zip(attention_mask, shift)])
-        embeds, mask, _ = self.prompted(ids, am, prompt)
+        embeds, mask, _, prefix = self.prompted(ids, am, prompt)
+        P = 0 if prefix is None else prefix.shape[3]
         eos = tok.eos_token_id
         done = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
         new, past = [], None
-        cache = _cache_name(self.network)
+        cache = cache_keyword(self.network)
         step_embeds = embeds
+        if prefix is not None:  # the prefix's P positions count in the mask (and so in the positions)
+            mask = torch.cat([mask.new_ones(len(ids), P), mask], 1)
         for _ in range(max_new_tokens):
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, P:]  # the text's positions
             if use_cache and past is not None:
                 out = self.network(inputs_embeds=step_embeds, attention_mask=mask, position_ids=pos[:, -1:],
                                     use_cache=True, **{cache: past})
-            else:
-                out = self.network(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=use_cache)
+            else:  # the whole sequence again; a prefix comes in a fresh cache each time
+                with self.using_prefix(prefix):
+                    kw, _ = self._with_prefix(len(ids), None)
+                out = self.network(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=use_cache,
+                                   **kw)
             past = out.get(cache) if use_cache else None
             nxt = out.logits[:, -1].float().argmax(-1)  # [B]
             if eos is not None:
@@ -221,16 +287,36 @@ class MultiTaskModel(nn.Module):
 
 # -- assembling a task's model ----------------------------------------------------------------------
 def build_model(backbone: Backbone, spec, prompt: torch.Tensor | nn.Module, head: str | None = None,
-                label_temperature: float = 0.05, seed: int = 0) -> PromptedModel:
-    """A PromptedModel for one task. ``prompt`` is a [P, H] tensor or a prompt-source module."""
+                label_temperature: float = 0.05, seed: int = 0, prefix_projection: int = 0) -> PromptedModel:
+    """A PromptedModel for one task. ``prompt`` is a [P, H] prompt, an [L, 2, P, D] prefix, or a prompt-source
+    module; ``prefix_projection`` > 0 reparameterises a prefix while it trains (PrefixPrompt)."""
     kind = resolve_head(spec, backbone, head)
-    if isinstance(prompt, torch.Tensor) and prompt.shape[-1] != backbone.hidden_size:
-        raise LibraryError(f"prompt of hidden size {prompt.shape[-1]} does not fit backbone '{backbone.name}' "
-                           f"of hidden size {backbone.hidden_size}")
-    source = prompt if isinstance(prompt, nn.Module) else SoftPrompt(prompt)
+    if isinstance(prompt, torch.Tensor):
+        if is_prefix(prompt):
+            check_prefix_fits(tuple(prompt.shape), backbone, "this prefix")
+            source = PrefixPrompt(prompt, projection=prefix_projection, seed=seed)
+        else:
+            if prompt.shape[-1] != backbone.hidden_size:
+                raise LibraryError(f"prompt of hidden size {prompt.shape[-1]} does not fit backbone "
+                                   f"'{backbone.name}' of hidden size {backbone.hidden_size}")
+            source = SoftPrompt(prompt)
+    else:
+        source = prompt
     head_module = make_head(spec, backbone, kind, label_temperature=label_temperature, seed=seed)
     pm = PromptedModel(backbone, source, head_module)
-    return pm.to(pm.device)  # prompt and head live where the backbone is
+    pm = pm.to(pm.device)  # prompt and head live where the backbone is
+    if pm.kind == "prefix":
+        check_reaches(pm)
+    return pm
+
+
+def check_prefix_fits(shape: tuple, backbone: Backbone, what: str) -> None:
+    """A prefix [L, 2, P, D] must match the backbone's layers and key/value width (one line naming both)."""
+    geo = prefix_geometry(backbone.network, backbone.family)
+    L, D = shape[0], shape[-1]
+    if (L, D) != (geo.num_layers, geo.kv_size):
+        raise LibraryError(f"{what} is for {L} layers of key/value width {D}, but backbone '{backbone.name}' has "
+                           f"{geo.describe()} (width {geo.kv_size}); use a prefix trained on a backbone of its shape")
 
 
 def freeze_backbone(pm: nn.Module) -> None:

@@ -156,9 +156,9 @@ def prepare_multitask(cfg: MultiTaskConfig, backbone: Backbone | None = None,
                 init = f"library:{graph_prompt or key}"
             if init.startswith("library:"):
                 _library_entry(library, init.split(":", 1)[1], backbone, f"--init {cfg.init} (task {key})")
-            prompt, prov = init_prompt(init, cfg.prompt_length, backbone, spec, cfg.seed + i, library)
+            prompt, prov = init_prompt(init, cfg.prompt_length, backbone, spec, cfg.seed + i, library, kind=cfg.kind)
         views[key] = build_model(backbone, spec, prompt, head=cfg.head, label_temperature=cfg.label_temperature,
-                                 seed=cfg.seed + i)
+                                 seed=cfg.seed + i, prefix_projection=cfg.prefix_projection)
         prov.update(multitask=[k for k, _, _ in found], temperature=cfg.sampling_temperature, composer=cfg.composer)
         preps[key] = Prepared(backbone, spec, train, dev, test, None, prov)
     model = MultiTaskModel(backbone, {k: v.prompt_source for k, v in views.items()},

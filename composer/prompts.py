@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 from composer.attention import load_source
-from composer.config import INITS
+from composer.config import INITS, KINDS
 from composer.errors import ComposerError
 from composer.library import Library, check_compatible
+from composer.prefix import induced_prefix
 
 log = logging.getLogger(__name__)
 
@@ -97,34 +98,56 @@ class SoftPrompt(nn.Module):
 
 
 def init_prompt(init: str, length: int, backbone, spec=None, seed: int = 0,
-                library: Library | None = None) -> tuple[torch.Tensor | nn.Module, dict]:
-    """-> (prompt [P, H], provenance). ``init``: random | vocab | text | text:SOME WORDS | library:NAME.
+                library: Library | None = None, kind: str = "prompt") -> tuple[torch.Tensor | nn.Module, dict]:
+    """-> (prompt [P, H] or prefix [L, 2, P, D], provenance).
 
-    ``backbone`` is a Backbone (its embeddings and tokenizer). A library entry that holds an attention
-    composer comes back as its prompt-source module (a MixtureSource), to go on training as one.
+    ``init``: random | vocab | text | text:SOME WORDS | library:NAME. ``backbone`` is a Backbone (its
+    embeddings and tokenizer). A library entry that holds an attention composer comes back as its prompt-source
+    module (a MixtureSource), to go on training as one. For ``kind`` prefix, random, vocab and text give the
+    keys and values that such an input-level prompt induces at every layer (so a prefix starts at the scale
+    the backbone's own keys and values have), and a library prompt of kind ``prompt`` gives its induced prefix.
     """
+    if kind not in KINDS:
+        raise ComposerError(f"unknown --kind {kind!r}: use one of {', '.join(KINDS)}")
+    if init.startswith("library:"):
+        return _from_library(init.split(":", 1)[1], backbone, library, kind)
     emb = backbone.input_embeddings().weight.detach().float().cpu()
     g = torch.Generator().manual_seed(seed)
     if init == "random":
-        return random_init(length, emb, g), {"init": "random", "seed": seed}
-    if init == "vocab":
+        prompt, prov = random_init(length, emb, g), {"init": "random", "seed": seed}
+    elif init == "vocab":
         specials = set(backbone.tokenizer.all_special_ids)
-        return vocab_init(length, emb, g, specials), {"init": "vocab", "seed": seed}
-    if init == "text" or init.startswith("text:"):
+        prompt, prov = vocab_init(length, emb, g, specials), {"init": "vocab", "seed": seed}
+    elif init == "text" or init.startswith("text:"):
         text = init[5:] if init.startswith("text:") else " ".join(w.strip() for w in (spec.label_words if spec else []))
         ids = backbone.tokenizer(text, add_special_tokens=False)["input_ids"]
         if not ids:
             raise ComposerError(f"--init {init!r}: the text is empty; give --init text:SOME WORDS")
-        return text_init(length, emb, ids), {"init": "text", "text": text}
-    if init.startswith("library:"):
-        name = init.split(":", 1)[1]
-        entry = (library or Library()).load(name)
-        check_compatible(entry.meta, name, backbone.name, backbone.family, backbone.hidden_size)
-        if entry.meta.get("backbone") not in (None, backbone.name):
-            log.warning("prompt '%s' was trained on '%s'; loading it into '%s' (same hidden size)",
-                        name, entry.meta.get("backbone"), backbone.name)
-        source = load_source(entry)  # an attention composer continues as a module
-        if source is not None:
-            return source, {"init": "library", "from": name, "composer": "attention"}
+        prompt, prov = text_init(length, emb, ids), {"init": "text", "text": text}
+    else:
+        raise ComposerError(f"unknown --init {init!r}: use random, vocab, text, text:WORDS or library:NAME")
+    if kind == "prefix":
+        return induced_prefix(backbone.network, backbone.family, prompt), dict(prov, kind="prefix")
+    return prompt, prov
+
+
+def _from_library(name: str, backbone, library: Library | None, kind: str):
+    entry = (library or Library()).load(name)
+    check_compatible(entry.meta, name, backbone.name, backbone.family, backbone.hidden_size)
+    if entry.meta.get("backbone") not in (None, backbone.name):
+        log.warning("prompt '%s' was trained on '%s'; loading it into '%s' (same hidden size)",
+                    name, entry.meta.get("backbone"), backbone.name)
+    entry_kind = entry.meta.get("kind", "prompt")
+    source = load_source(entry)  # an attention composer continues as a module
+    if source is not None:
+        if entry_kind != kind:
+            raise ComposerError(f"--init library:{name} holds an attention composer over {entry_kind}s; train it "
+                                f"with --kind {entry_kind}")
+        return source, {"init": "library", "from": name, "composer": "attention"}
+    if entry_kind == kind:
         return entry.prompt.clone(), {"init": "library", "from": name}
-    raise ComposerError(f"unknown --init {init!r}: use random, vocab, text, text:WORDS or library:NAME")
+    if entry_kind == "prompt":  # an input-level prompt -> the keys and values it induces
+        return (induced_prefix(backbone.network, backbone.family, entry.prompt),
+                {"init": "library", "from": name, "kind": "prefix", "induced_from": "prompt"})
+    raise ComposerError(f"--init library:{name} is a prefix and this run trains a prompt: a prefix cannot be "
+                        "turned back into input embeddings; use --kind prefix")

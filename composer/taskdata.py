@@ -22,8 +22,11 @@ read here:
 ``data.split: {from: train, dev: 0.1, test: 0.1, seed: 0}``
     carves deterministic held-out splits out of split ``from`` (default ``train``) for
     data with no official split (MR, CR, SUBJ, MPQA): a seeded permutation gives the
-    first ``round(n * dev)`` rows to dev, the next ``round(n * test)`` to test, and the
-    rest (in file order) stays in ``from``.
+    first ``round(n * train)`` rows to train (when ``from`` is another split: a train
+    carved from a dev- or test-only set), the next ``round(n * dev)`` to dev, the next
+    ``round(n * test)`` to test, and the rest (in file order) stays in ``from``.
+``data.format: slu | e2e | woz | multiwoz | sgd | squad`` with ``data.options``
+    the dialogue / text-to-text readers of composer.dialogue (archives read in place).
 ``data.seed`` (builtin)
     the seed passed to ``composer.suite.generate`` (default 0).
 
@@ -34,8 +37,11 @@ Conventions:
   ``PROMPT_COMPOSER_DATA``, else the current directory).
 - ``field_map: {old: new}`` renames columns after reading; names absent from a file
   are ignored, so one map can serve files that differ.
-- k-shot sampling applies to the train split only: ``k`` rows per class, drawn with
-  ``numpy.random.default_rng(seed)``, kept in file order.
+- k-shot sampling applies to the train split only: ``k`` rows per class (generation
+  tasks: ``k`` rows), drawn with ``numpy.random.default_rng(seed)``, kept in file order.
+- Generation tasks get columns ``spec.inputs``, the target template's fields (str) and
+  the ``references`` column (list of str) if the task names one; no ``label``. A row whose
+  rendered target is empty is an error.
 """
 from __future__ import annotations
 
@@ -43,14 +49,25 @@ import csv
 import json
 import logging
 from collections import Counter
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from composer import suite
+from composer import dialogue, suite
 from composer.errors import TaskError
-from composer.tasks import DATA_HINT, QUOTING, TaskSpec, normalize_label, resolve_data_dir, split_config, split_entry
+from composer.tasks import (
+    CARVED,
+    DATA_HINT,
+    QUOTING,
+    TaskSpec,
+    normalize_label,
+    resolve_data_dir,
+    split_config,
+    split_entry,
+)
+from composer.templates import render
 
 if TYPE_CHECKING:  # datasets is imported where data is loaded, not at import time
     import datasets
@@ -161,7 +178,9 @@ def read_rows(spec: TaskSpec, split: str, data_dir: Path | None) -> tuple[list[d
         raise TaskError(f"data file {path} for split '{split}' of task {spec.name} not found ({where}); "
                         f"{DATA_HINT} to the folder that holds {cfg['path']}")
     fmt = cfg["format"]
-    if fmt in ("csv", "tsv"):
+    if fmt in dialogue.READERS:
+        rows = dialogue.read(fmt, path, cfg.get("options"))
+    elif fmt in ("csv", "tsv"):
         rows = _read_delimited(path, cfg)
     elif fmt == "lines":
         rows = _read_lines(path, cfg)
@@ -205,6 +224,8 @@ def _to_columns(spec: TaskSpec, split: str, rows: list[dict[str, Any]], origin: 
     if not rows:
         raise TaskError(f"split '{split}' of task {spec.name} is empty ({origin}); "
                         "check the file, or drop the split from data.splits")
+    if spec.is_generation:
+        return _generation_columns(spec, split, rows, origin)
     index = {lab: i for i, lab in enumerate(spec.labels)}
     lmap = {normalize_label(k): normalize_label(v) for k, v in (label_map or {}).items()}
     reg = spec.regression
@@ -245,23 +266,61 @@ def _to_columns(spec: TaskSpec, split: str, rows: list[dict[str, Any]], origin: 
     return cols
 
 
+def _generation_columns(spec: TaskSpec, split: str, rows: list[dict[str, Any]], origin: str) -> dict[str, list]:
+    """Columns of a generation task: inputs and target fields (str), references (list of str)."""
+    text_cols = list(dict.fromkeys([*spec.inputs, *spec.target_fields]))
+    cols: dict[str, list] = {k: [] for k in text_cols}
+    if spec.references:
+        cols[spec.references] = []
+    for i, row in enumerate(rows, 1):
+        missing = [k for k in (*text_cols, *([spec.references] if spec.references else []))
+                   if k not in row or row[k] is None]
+        if missing:
+            what = "input field" if missing[0] in spec.inputs else (
+                "target field" if missing[0] in spec.target_fields else "references column")
+            raise TaskError(
+                f"row {i} of {origin} (split '{split}') has no {what} {missing[0]!r} "
+                f"(fields: {', '.join(map(str, row))}); "
+                "fix `inputs`/`target`/`references` or map it with data.field_map"
+            )
+        values = {k: str(row[k]).strip() for k in text_cols}
+        if not render(spec.target, values).strip():
+            raise TaskError(f"row {i} of {origin} (split '{split}') has an empty target "
+                            f"({spec.target!r} renders to nothing); fix or drop the row in the data")
+        for k in text_cols:
+            cols[k].append(values[k])
+        if spec.references:
+            refs = row[spec.references]
+            refs = [refs] if isinstance(refs, str) else [str(r).strip() for r in refs]
+            if not refs or not all(refs):
+                raise TaskError(f"row {i} of {origin} (split '{split}') has an empty reference in "
+                                f"{spec.references!r} ({row[spec.references]!r}); fix or drop the row")
+            cols[spec.references].append(refs)
+    return cols
+
+
+def _n_rows(cols: dict[str, list]) -> int:
+    return len(next(iter(cols.values())))
+
+
 def _take(cols: dict[str, list], idx: Iterable[int]) -> dict[str, list]:
     idx = list(idx)
     return {k: [v[i] for i in idx] for k, v in cols.items()}
 
 
 def _carve(spec: TaskSpec, cols: dict[str, list]) -> dict[str, dict[str, list]]:
-    """Split ``cols`` of data.split.from into {from, dev, test} deterministically."""
+    """Split ``cols`` of data.split.from into {from, and the carved train/dev/test} deterministically."""
     carve = spec.data["split"]
-    n = len(cols["label"])
-    sizes = {s: int(round(n * float(carve.get(s, 0)))) for s in ("dev", "test")}
+    src = carve.get("from", "train")
+    n = _n_rows(cols)
+    carved = [s for s in CARVED if s in carve and s != src]
+    sizes = {s: round(n * float(carve[s])) for s in carved}
     perm = np.random.default_rng(int(carve.get("seed", 0))).permutation(n)
     out, start = {}, 0
-    for s in ("dev", "test"):
-        if s in carve:
-            out[s] = _take(cols, sorted(perm[start:start + sizes[s]]))
-            start += sizes[s]
-    out[carve.get("from", "train")] = _take(cols, sorted(perm[start:]))
+    for s in carved:
+        out[s] = _take(cols, sorted(perm[start:start + sizes[s]]))
+        start += sizes[s]
+    out[src] = _take(cols, sorted(perm[start:]))
     return out
 
 
@@ -285,6 +344,13 @@ def sample_k_shot(labels: np.ndarray | list[int], k: int, seed: int, label_names
     return sorted(chosen)
 
 
+def sample_k_rows(n: int, k: int, seed: int, where: str = "train") -> list[int]:
+    """``k`` row indices out of ``n`` (generation tasks: k examples, not k per class), in file order."""
+    if k > n:
+        raise TaskError(f"k-shot k={k} exceeds the {n} rows of {where}; lower k to at most {n}")
+    return sorted(int(i) for i in np.random.default_rng(seed).permutation(n)[:k])
+
+
 def load_splits(
     spec: TaskSpec,
     data_dir: str | Path | None = None,
@@ -298,13 +364,15 @@ def load_splits(
         spec: the task.
         data_dir: folder that relative data paths resolve against (default: resolve_data_dir(None)).
         splits: names to load (default: all of ``spec.split_names()``).
-        k_shot: rows per class sampled from train; None = ``spec.few_shot["k"]`` if set, 0 = all rows.
+        k_shot: rows per class sampled from train (generation: rows); None = ``spec.few_shot["k"]``
+            if set, 0 = all rows.
         seed: k-shot seed; None = ``spec.few_shot["seed"]`` or 0. (Builtin generators use
             ``data.seed``, default 0, so the rows do not change with the run's seed.)
 
     Returns:
         {split: Dataset} with columns ``spec.inputs`` (str), ``label`` (int64 index into
-        ``spec.labels``) and, for regression, ``score`` (float64).
+        ``spec.labels``) and, for regression, ``score`` (float64). Generation tasks: ``spec.inputs``
+        and ``spec.target_fields`` (str), and ``spec.references`` (list of str) if set.
     """
     import datasets
 
@@ -319,8 +387,8 @@ def load_splits(
     seed = fs.get("seed", 0) if seed is None else seed
     src = spec.data["source"]
     carve = spec.data.get("split") or {}
-    carved = [s for s in ("dev", "test") if s in carve]
     carve_from = carve.get("from", "train") if carve else None
+    carved = [s for s in CARVED if s in carve and s != carve_from]
 
     cols: dict[str, dict[str, list]] = {}
     to_read = [s for s in wanted if s not in carved]
@@ -343,19 +411,26 @@ def load_splits(
     if carve_from in cols:
         cols.update(_carve(spec, cols[carve_from]))
 
-    features = {f: datasets.Value("string") for f in spec.inputs}
-    features["label"] = datasets.Value("int64")
-    if spec.is_regression:
-        features["score"] = datasets.Value("float64")
+    if spec.is_generation:
+        features = {f: datasets.Value("string") for f in dict.fromkeys([*spec.inputs, *spec.target_fields])}
+        if spec.references:
+            features[spec.references] = datasets.Sequence(datasets.Value("string"))
+    else:
+        features = {f: datasets.Value("string") for f in spec.inputs}
+        features["label"] = datasets.Value("int64")
+        if spec.is_regression:
+            features["score"] = datasets.Value("float64")
     out = {}
     for s in wanted:
         c = cols[s]
-        if not c["label"]:
+        if not _n_rows(c):
             raise TaskError(f"split '{s}' of task {spec.name} is empty after carving; "
                             "raise the data.split fractions")
         if s == "train" and k:
             where = f"split 'train' of task {spec.name}"
-            c = _take(c, sample_k_shot(c["label"], k, seed, spec.labels, where))
+            idx = (sample_k_rows(_n_rows(c), k, seed, where) if spec.is_generation
+                   else sample_k_shot(c["label"], k, seed, spec.labels, where))
+            c = _take(c, idx)
         out[s] = datasets.Dataset.from_dict(c, features=datasets.Features(features))
     return out
 
@@ -363,11 +438,16 @@ def load_splits(
 def check_task(spec: TaskSpec, data_dir: str | Path | None = None) -> dict[str, Any]:
     """Load every split and summarise it (for `prompt-composer task check`).
 
-    Returns {"task", "source", "num_labels", "metric", "splits": {split: {"rows", "labels": {label: count}}}}
-    (plus "score": {min, max, mean} per split for regression tasks). Raises TaskError on the first fault.
+    Returns {"task", "type", "source", "num_labels", "metric", "splits": {split: {"rows", "labels": {label:
+    count}}}} (plus "score": {min, max, mean} per split for regression tasks). Generation tasks:
+    {"task", "type", "source", "metric", "metrics", "splits": {split: {"rows", "target_words": {min, mean,
+    max}, "references": mean references per row (when the task names a references column)}}}.
+    Raises TaskError on the first fault.
     """
     ds = load_splits(spec, data_dir, k_shot=0)
-    summary: dict[str, Any] = {"task": spec.name, "source": spec.data["source"],
+    if spec.is_generation:
+        return _check_generation(spec, ds)
+    summary: dict[str, Any] = {"task": spec.name, "type": spec.type, "source": spec.data["source"],
                                "num_labels": spec.num_labels, "metric": spec.metric, "splits": {}}
     for s, d in ds.items():
         counts = Counter(d["label"])
@@ -376,5 +456,18 @@ def check_task(spec: TaskSpec, data_dir: str | Path | None = None) -> dict[str, 
         if spec.is_regression:
             sc = np.asarray(d["score"], dtype=np.float64)
             entry["score"] = {"min": float(sc.min()), "max": float(sc.max()), "mean": float(sc.mean())}
+        summary["splits"][s] = entry
+    return summary
+
+
+def _check_generation(spec: TaskSpec, ds: Mapping[str, datasets.Dataset]) -> dict[str, Any]:
+    summary: dict[str, Any] = {"task": spec.name, "type": spec.type, "source": spec.data["source"],
+                               "metric": spec.metric, "metrics": spec.metric_names, "splits": {}}
+    for s, d in ds.items():
+        words = np.asarray([len(spec.render_target(r).split()) for r in d], dtype=np.float64)
+        entry: dict[str, Any] = {"rows": len(d), "target_words": {
+            "min": int(words.min()), "mean": round(float(words.mean()), 1), "max": int(words.max())}}
+        if spec.references:
+            entry["references"] = round(float(np.mean([len(r) for r in d[spec.references]])), 2)
         summary["splits"][s] = entry
     return summary

@@ -71,8 +71,9 @@ def prepare(cfg: TrainConfig, backbone: Backbone | None = None, library: Library
     if prompt_source is not None:
         prompt, prov = prompt_source, {"init": "module"}
     else:
-        prompt, prov = init_prompt(cfg.init, cfg.prompt_length, backbone, spec, cfg.seed, library)
-    pm = build_model(backbone, spec, prompt, head=cfg.head, label_temperature=cfg.label_temperature, seed=cfg.seed)
+        prompt, prov = init_prompt(cfg.init, cfg.prompt_length, backbone, spec, cfg.seed, library, kind=cfg.kind)
+    pm = build_model(backbone, spec, prompt, head=cfg.head, label_temperature=cfg.label_temperature, seed=cfg.seed,
+                     prefix_projection=cfg.prefix_projection)
     return Prepared(backbone, spec, train, dev, test, pm, prov)
 
 
@@ -186,6 +187,6 @@ def save_to_library(library: Library, name: str, pm, prep: Prepared, cfg, result
     if static is None:
         raise ComposerError("this prompt source has no static prompt to save")
     meta = {"task": prep.spec.name, "backbone": prep.backbone.name, "family": prep.backbone.family,
-            "head": pm.head.kind, "metrics": {k: result[k] for k in ("dev", "test") if k in result},
+            "hidden_size": prep.backbone.hidden_size, "kind": pm.kind, "head": pm.head.kind, "metrics": {k: result[k] for k in ("dev", "test") if k in result},
             "config": cfg.to_dict(), "provenance": prep.provenance}
     return library.save(name, static, meta, extras=extras)

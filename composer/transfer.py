@@ -20,6 +20,7 @@ from composer.errors import ComposerError, LibraryError
 from composer.evaluate import evaluate
 from composer.library import Library
 from composer.model import build_model, from_library
+from composer.prefix import flat, is_prefix
 from composer.similarity import capture_ffn_activations, check_metric, pairwise
 from composer.suite import generate
 from composer.taskdata import load_splits
@@ -35,6 +36,10 @@ def _load(library: Library, names: list[str]):
     if len(set(sizes.values())) > 1:
         raise LibraryError("prompts of different hidden size cannot be compared: "
                            + ", ".join(f"{k}={v}" for k, v in sizes.items()))
+    kinds = {e.name: e.meta.get("kind", "prompt") for e in entries}
+    if len(set(kinds.values())) > 1:
+        raise LibraryError("prompts and prefixes cannot be compared with each other: "
+                           + ", ".join(f"{k}={v}" for k, v in kinds.items()))
     return entries
 
 
@@ -62,13 +67,14 @@ def activation_masks(entries, backbone: Backbone, probe: tuple[torch.Tensor, tor
         pm = build_model(backbone, spec, e.prompt, head="linear")
         pm.eval()
         start = 1 if pm.after_first else 0
-        P = e.prompt.shape[0]
+        # a prefix has no positions of its own: it shows in how the probe's own tokens activate
+        positions = slice(None) if is_prefix(e.prompt) else slice(start, start + e.prompt.shape[0])
 
         def run(pm=pm):
-            embeds, m, _ = pm.prompted(ids.to(pm.device), mask.to(pm.device))
-            pm.hidden(embeds, m)
+            embeds, m, _, prefix = pm.prompted(ids.to(pm.device), mask.to(pm.device))
+            pm.run_network(embeds, m, prefix)
 
-        out.append(capture_ffn_activations(pm.backbone, run, threshold=threshold, positions=slice(start, start + P)))
+        out.append(capture_ffn_activations(pm.network, run, threshold=threshold, positions=positions))
     return torch.stack(out)
 
 
@@ -95,14 +101,18 @@ def similarity_matrix(library: Library, names: list[str], metric: str = "cos-avg
 
 
 def _stack(entries, metric: str) -> torch.Tensor:
-    lengths = {e.name: e.prompt.shape[0] for e in entries}
+    """[N, P, H] prompts; a prefix [L, 2, P, D] enters as its flat view [L*2*P, D]: the -avg metrics then
+    pool every layer's keys and values (the default: one number per pair, as for prompts), the -tok metrics
+    compare layer l's token i with layer l's token i."""
+    prompts = [flat(e.prompt) if is_prefix(e.prompt) else e.prompt for e in entries]
+    lengths = {e.name: p.shape[0] for e, p in zip(entries, prompts)}
     if len(set(lengths.values())) > 1:
         if metric.endswith("-tok"):
             raise ComposerError(f"{metric} compares token i with token i and needs prompts of one length: "
                                 + ", ".join(f"{k}={v}" for k, v in lengths.items()) + "; use cos-avg")
         # E_avg only needs the mean over P: compare means, as [N, 1, H]
-        return torch.stack([e.prompt.mean(0, keepdim=True) for e in entries])
-    return torch.stack([e.prompt for e in entries])
+        return torch.stack([p.mean(0, keepdim=True) for p in prompts])
+    return torch.stack(prompts)
 
 
 def _dev(spec, backbone: Backbone, data_dir, max_examples: int | None, split: str = "dev") -> Encoded:

@@ -62,7 +62,7 @@ def test_decoder_export_loads_in_peft_with_identical_logits(tmp_path, tokenizer,
     pm = build_model(bb, SPEC, lib.load("p").prompt)
     with torch.no_grad():
         theirs = pmodel(input_ids=ids, attention_mask=mask).logits  # [B, P+T, V]
-        embeds, full_mask, _ = pm.prompted(ids, mask)
+        embeds, full_mask, _, _ = pm.prompted(ids, mask)
         ours = pm.network(inputs_embeds=embeds, attention_mask=full_mask).logits  # [B, P+T, V]
         scores = pm(ids, mask)  # [B, C] verbalizer: log p(label word | prompt, input)
     real = full_mask.bool()
@@ -92,7 +92,7 @@ def test_encoder_decoder_export_is_encoder_side_only(tmp_path, tokenizer, lib):
     dec = torch.tensor([[0, 7592, 2088], [0, 2204, 102]])  # decoder_start, then two tokens
     with torch.no_grad():
         theirs = pmodel(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits  # [B, 3, V]
-        embeds, full_mask, _ = pm.prompted(ids, mask)
+        embeds, full_mask, _, _ = pm.prompted(ids, mask)
         ours = pm.network(inputs_embeds=embeds, attention_mask=full_mask, decoder_input_ids=dec).logits
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
 
