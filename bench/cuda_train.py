@@ -43,7 +43,7 @@ def run_one(model: str, variant: str, args, run_dir: Path) -> dict:
     """One training run -> its row (seconds, s/step, peak MiB, dev, test)."""
     from composer.train import TrainConfig, train
 
-    cfg = TrainConfig(task=args.task, model=model, steps=args.steps, batch_size=args.batch_size,
+    cfg = TrainConfig(task=args.task, backbone=model, steps=args.steps, batch_size=args.batch_size,
                       eval_every=args.eval_every, max_eval=args.max_eval, seed=args.seed, run_dir=str(run_dir),
                       data_dir=args.data_dir, **VARIANTS[variant])
     cuda = torch.cuda.is_available()

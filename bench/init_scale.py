@@ -47,7 +47,7 @@ ARMS = ("random", "linear", "random-scaled", "linear-scaled")
 
 def scaled_inits(bench: Bench, target: str, seed: int) -> tuple[dict[str, str], dict[str, float]]:
     """Save the two rescaled inits of one seed in the library -> ({arm: init spec}, {arm: init norm})."""
-    from composer.build import init_prompt
+    from composer.prompts import init_prompt
 
     lib, name = bench.lib, arm_prompt_name(target, bench.slug, "linear", seed)
     if not lib.exists(name):

@@ -34,8 +34,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_overhead import cpu_model  # noqa: E402
-from transfer import ROOT, Bench, BenchConfig, default_data_dir, fmt, git_commit, mean_sd, say  # noqa: E402
+from step_overhead import cpu_isa, cpu_label, cpu_model  # noqa: E402
+from transfer import ROOT, Bench, BenchConfig, default_data_dir, git_commit, say  # noqa: E402
+from transfer_report import fmt, mean_sd  # noqa: E402
 
 ARMS = ("full", "prompt-random", "prompt-composed", "joint-random", "joint-composed", "multitask")
 
@@ -54,27 +55,26 @@ class JointBench(Bench):
         name = f"bench-joint-{target}-{self.slug}-{strategy}-s{seed}"
         cr = compose(ComposeConfig(graph=str(self.graphs[target]), target=target, strategy=strategy,
                                    top_k=cfg.top_k, metric="transfer", shots=self.few_shots(target), seed=seed,
-                                   model=cfg.model, data_dir=cfg.data_dir, save=name),
+                                   backbone=cfg.model, data_dir=cfg.data_dir, save=name),
                      library=self.lib, backbone=self.bb)
         return f"library:{name}", {"candidates": cr["candidates"], "weights": cr["weights"]}
 
     def multitask(self, seed: int, sources: dict, temperature: float) -> dict:
         from composer.multitask import MultiTaskConfig, prepare_multitask, train_multitask
-        from composer.train import _subset
 
         cfg = self.cfg
         tasks = list(cfg.targets) + multitask_sources(cfg.sources)
         run_dir = self.runs / f"multitask-s{seed}"
         shutil.rmtree(run_dir, ignore_errors=True)
-        mc = MultiTaskConfig(tasks=tasks, model=cfg.model, prompt_length=cfg.prompt_length,
+        mc = MultiTaskConfig(tasks=tasks, backbone=cfg.model, prompt_length=cfg.prompt_length,
                              steps=cfg.steps * len(cfg.targets), batch_size=cfg.batch_size, lr=cfg.lr,
-                             temperature=temperature, eval_every=cfg.eval_every * len(cfg.targets),
+                             sampling_temperature=temperature, eval_every=cfg.eval_every * len(cfg.targets),
                              checkpoint_every=cfg.steps * len(cfg.targets), max_eval=cfg.max_eval, seed=seed,
                              data_dir=cfg.data_dir, run_dir=str(run_dir))
         mp = prepare_multitask(mc, backbone=self.bb, library=self.lib)
         for k, prep in mp.tasks.items():  # the same dev and test subsets as the single-task arms
-            prep.dev = _subset(prep.dev, cfg.max_eval, 0)
-            prep.test = _subset(prep.test, cfg.max_test, 0) if prep.test is not None else None
+            prep.dev = prep.dev.subset(cfg.max_eval, 0)
+            prep.test = prep.test.subset(cfg.max_test, 0) if prep.test is not None else None
         r = train_multitask(mc, library=self.lib, prepared=mp, progress=False)
         shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
         return r
@@ -198,7 +198,9 @@ def markdown(res: dict, summary: dict, command: str, fig: str | None) -> str:
     tr = res["trainable"]
     lines = [
         "## Joint tuning vs full model tuning vs prompt tuning (bench/joint.py)", "",
-        f"Command: `{command}`  ", f"Commit {git_commit()}, {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} "
+        f"Command: `{command}`  ",
+        f"Commit {git_commit()}, {cpu_label(cpu_model(), cpu_isa())}, {os.cpu_count()} cores, "
+        f"{torch.get_num_threads()} "
         f"torch threads, torch {torch.__version__}; {res['seconds']:.0f} s in all.", "",
         f"Backbone {c['model']}; {c['steps']} steps per arm (multitask: {c['steps'] * len(c['targets'])} steps over "
         f"the targets and {', '.join(multitask_sources(c['sources']))}, temperature {c['temperature']}), batch {c['batch_size']}, "

@@ -31,7 +31,7 @@ def row_norm(x: torch.Tensor) -> float:
 
 
 def table(library, backbone, patterns: list[str], length: int = 20) -> list[str]:
-    from composer.build import init_prompt
+    from composer.prompts import init_prompt
 
     lines = ["| what | mean per-token norm |", "|---|---:|"]
     emb = backbone.input_embeddings().weight

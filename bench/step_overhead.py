@@ -101,15 +101,16 @@ class ComposerArm:
     def __init__(self, bb, P: int, B: int, lr: float, steps: int, precision: str = "no"):
         from accelerate import Accelerator
 
+        from composer.loop import param_groups
         from composer.runstate import lr_lambda
-        from composer.train import TrainConfig, _param_groups, prepare
+        from composer.train import TrainConfig, prepare
 
-        self.cfg = TrainConfig(task=TASK, model=bb.name, prompt_length=P, batch_size=B, lr=lr, steps=steps,
+        self.cfg = TrainConfig(task=TASK, backbone=bb.name, prompt_length=P, batch_size=B, lr=lr, steps=steps,
                                warmup=0.0, schedule="constant", seed=0)
         self.prep = prepare(self.cfg, backbone=bb)  # task data, random init prompt, default head, model
         self.acc = Accelerator(cpu=bb_device(bb).type == "cpu", mixed_precision=precision)
         model = self.prep.model
-        self.optimizer = torch.optim.AdamW(_param_groups(self.cfg, model))  # freezes the backbone
+        self.optimizer = torch.optim.AdamW(param_groups(self.cfg, model))  # freezes the backbone
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(self.cfg.schedule, 0, self.cfg.steps))
         self.model, self.optimizer = self.acc.prepare(model, self.optimizer)
@@ -409,6 +410,18 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_isa() -> str:
+    """The instruction-set level torch's CPU kernels dispatch to ("AVX512", "AVX2", "DEFAULT", ...): with the
+    CPU model, what decides which float kernels run."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def cpu_label(cpu: str, isa: str | None) -> str:
+    """The CPU as a report names it, "Intel(R) Xeon(R) Processor (AVX512)"; the bare model where no level was
+    kept."""
+    return f"{cpu} ({isa})" if isa else cpu
+
+
 def bb_device(bb) -> torch.device:
     return next(bb.model.parameters()).device
 
@@ -418,7 +431,8 @@ def environment(threads: int) -> dict:
     import transformers
 
     return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-            "python": platform.python_version(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+            "python": platform.python_version(), "cpu": cpu_model(), "cpu_isa": cpu_isa(),
+            "cpu_count": os.cpu_count(),
             "threads": threads, "interop_threads": torch.get_num_interop_threads(),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
@@ -433,7 +447,8 @@ def markdown(results: list[dict], env: dict, command: str) -> str:
     lines = [
         f"`{command}`",
         "",
-        f"torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}; CPU {env['cpu']} "
+        f"torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}; "
+        f"CPU {cpu_label(env['cpu'], env.get('cpu_isa'))} "
         f"({env['cpu_count']} logical), torch threads {env['threads']}"
         + (f"; GPU {env['gpu']}" if gpu else "")
         + (f"; {results[0]['mixed_precision']} autocast" if results[0]["mixed_precision"] != "no" else "") + ".",

@@ -6,8 +6,8 @@ size, same prompt learning rate, same dev evaluations, best dev checkpoint kept,
   random     prompt tuning from a random init (the baseline every other arm is measured against)
   vocab      prompt tuning from sampled vocabulary embeddings
   peft       PEFT's PromptTuning on the same backbone in this process (the peer); its prompt starts
-             from random's init, its loss is our head's (label similarity for minilm, see
-             bench/step_overhead.py, which checks the two compute the same function)
+             from random's init, its loss is our head's (label similarity for minilm; bench/peft_arm.py,
+             on bench/step_overhead.py's PEFT setup, which checks the two compute the same function)
   best       SPoT: the top-k source prompt that scores best zero-shot on the target's few shots
   average    similarity-weighted average of the top-k source prompts (weights: zero-shot transfer)
   linear     weights optimised on the few shots (L-BFGS-B, gradient-based); linear-gf: Powell
@@ -65,7 +65,6 @@ import shutil
 import subprocess
 import sys
 import time
-import types
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,11 +73,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a clone without installing
-sys.path.insert(0, str(ROOT / "bench"))  # the PEFT setup of step_overhead.py
+sys.path.insert(0, str(ROOT / "bench"))  # its siblings: peft_arm.py, step_overhead.py, transfer_report.py
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from step_overhead import cpu_model  # noqa: E402
+from step_overhead import cpu_isa, cpu_label, cpu_model  # noqa: E402
 from transfer_report import (ARMS, COMPOSED, correlations, figure_target, fmt, markdown,  # noqa: E402
                              summarise_target)
 
@@ -228,6 +226,7 @@ class Bench:
         self.pair_steps = cfg.pair_steps or cfg.steps
         self.commit = git_commit()
         self.cpu = cpu_model()  # the same code and seed give other scores on another CPU: records name it
+        self.cpu_isa = cpu_isa()  # and on the same CPU with another kernel level (ATEN_CPU_CAPABILITY)
         self.reused = 0  # finished runs taken from their run folders
         self.deadline = None if cfg.time_budget is None else time.time() + 60 * cfg.time_budget
 
@@ -265,7 +264,7 @@ class Bench:
     def store(self, path: Path, key: dict, rec: dict) -> dict:
         from composer.atomic import atomic_write_text
 
-        rec = dict(rec, key=key, commit=self.commit, cpu=self.cpu)
+        rec = dict(rec, key=key, commit=self.commit, cpu=self.cpu, cpu_isa=self.cpu_isa)  # outside the key
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(rec, indent=1, sort_keys=True, default=str))
         return rec
@@ -275,7 +274,7 @@ class Bench:
         return source_prompt_name(task, self.slug, self.cfg.source_steps)
 
     def train_sources(self) -> dict:
-        from composer.train import TrainConfig, _subset, prepare, train
+        from composer.train import TrainConfig, prepare, train
 
         cfg, out = self.cfg, {}
         for task in cfg.sources:
@@ -290,12 +289,13 @@ class Bench:
             say(f"[sources] train {name} ({cfg.source_steps} steps)")
             run_dir = self.runs / "sources" / task
             shutil.rmtree(run_dir, ignore_errors=True)
-            tc = TrainConfig(task=task, model=cfg.model, prompt_length=cfg.prompt_length, steps=cfg.source_steps,
-                             batch_size=cfg.batch_size, lr=cfg.lr, eval_every=max(1, cfg.source_steps // 3),
-                             checkpoint_every=cfg.source_steps, max_eval=cfg.source_max_eval, seed=0,
+            tc = TrainConfig(task=task, backbone=cfg.model, prompt_length=cfg.prompt_length,
+                             steps=cfg.source_steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                             eval_every=max(1, cfg.source_steps // 3), checkpoint_every=cfg.source_steps,
+                             max_eval=cfg.source_max_eval, seed=0,
                              data_dir=cfg.data_dir, save=name, run_dir=str(run_dir))
             prep = prepare(tc, backbone=self.bb, library=self.lib)
-            prep.dev, prep.test = _subset(prep.dev, cfg.source_max_eval, 0), None  # sources need no test score
+            prep.dev, prep.test = prep.dev.subset(cfg.source_max_eval, 0), None  # sources need no test score
             r = train(tc, prepared=prep, library=self.lib, progress=False)
             out[task] = {"prompt": name, "reused": False, "initial": r["initial"]["score"], "dev": r["dev"]["score"],
                          "seconds": r["seconds"], "s_per_step": r["seconds"] / max(1, r["steps"])}
@@ -305,7 +305,7 @@ class Bench:
     # -- 2. one tuning run (memoised: the best arm and the seed-0 pair run of its source are one run) --
     def tune(self, task: str, init: str, seed: int, steps: int, run_name: str, mode: str = "prompt",
              prompt_length: int | None = None, save: str | None = None, key_init: str | None = None) -> dict:
-        from composer.train import TrainConfig, _subset, prepare, train
+        from composer.train import TrainConfig, prepare, train
 
         cfg = self.cfg
         P = prompt_length or cfg.prompt_length
@@ -322,15 +322,16 @@ class Bench:
             return rec
         self.may_start(f"{task} {run_name}")
         shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl appends: start clean
-        tc = TrainConfig(task=task, model=cfg.model, prompt_length=P, init=init, mode=mode, unfreeze="all",
+        tc = TrainConfig(task=task, backbone=cfg.model, prompt_length=P, init=init, mode=mode, unfreeze="all",
                          steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, model_lr=cfg.model_lr,
                          eval_every=cfg.eval_every, checkpoint_every=steps, max_eval=cfg.max_eval, seed=seed,
                          data_dir=cfg.data_dir, save=save, run_dir=str(run_dir))
         # joint mode changes backbone weights in place: give it its own copy
-        bb = self.bb if mode == "prompt" else dataclasses.replace(self.bb, model=copy.deepcopy(self.bb.model))
+        bb = self.bb if mode == "prompt" else dataclasses.replace(self.bb,
+                                                                 network=copy.deepcopy(self.bb.network))
         prep = prepare(tc, backbone=bb, library=self.lib)
-        prep.dev = _subset(prep.dev, cfg.max_eval, 0)  # one dev subset for every arm and seed
-        prep.test = _subset(prep.test, cfg.max_test, 0) if prep.test is not None else None
+        prep.dev = prep.dev.subset(cfg.max_eval, 0)  # one dev subset for every arm and seed
+        prep.test = prep.test.subset(cfg.max_test, 0) if prep.test is not None else None
         load0 = os.getloadavg()[0]
         r = train(tc, prepared=prep, library=self.lib, progress=False)
         load = [round(load0, 2), round(os.getloadavg()[0], 2)]
@@ -347,89 +348,9 @@ class Bench:
 
     def peft(self, task: str, seed: int, steps: int, run_name: str) -> dict:
         """PEFT PromptTuning: same data order, init, loss, optimizer, schedule, clipping and evaluations."""
-        from step_overhead import PeftArm
+        from peft_arm import run_peft
 
-        from composer.build import freeze_backbone
-        from composer.evaluate import score
-        from composer.runstate import BatchPlan, lr_lambda
-        from composer.train import TrainConfig, _subset, prepare
-
-        cfg = self.cfg
-        run_dir = self.runs / task / run_name
-        rkey = self.run_key(arm="peft", task=task, init="random", seed=seed, steps=steps,
-                            prompt_length=cfg.prompt_length)
-        rec = self.stored(run_dir / "record.json", rkey)
-        if rec is not None:
-            return rec
-        self.may_start(f"{task} {run_name}")
-        tc = TrainConfig(task=task, model=cfg.model, prompt_length=cfg.prompt_length, steps=steps,
-                         batch_size=cfg.batch_size, lr=cfg.lr, seed=seed, data_dir=cfg.data_dir)
-        prep = prepare(tc, backbone=self.bb, library=self.lib)  # random's init, data and head
-        freeze_backbone(prep.model)
-        head = prep.model.head
-        loss = types.SimpleNamespace(decoder=head.kind == "verbalizer", label_ids=None, label_emb=None,
-                                     temperature=tc.label_temperature, max_grad_norm=tc.max_grad_norm)
-        if head.kind == "label-similarity":
-            with torch.no_grad():
-                loss.label_emb = head.label_embeddings(prep.model).detach().clone()  # [C, H]
-        elif head.kind == "verbalizer" and head.single:
-            loss.label_ids = torch.tensor([t[0] for t in head.label_token_ids])  # [C]
-        else:
-            raise RuntimeError(f"the peft arm supports the label-similarity and single-token verbalizer heads, "
-                               f"not {head.kind}")
-        dev = _subset(prep.dev, cfg.max_eval, 0)
-        test = _subset(prep.test, cfg.max_test, 0) if prep.test is not None else None
-        init = prep.model.prompt_source.weight.detach().clone()
-        own = types.SimpleNamespace(model=copy.deepcopy(self.bb.model), family=self.bb.family)
-        arm = PeftArm(own, cfg.prompt_length, init, cfg.lr, loss)
-        sched = torch.optim.lr_scheduler.LambdaLR(arm.optimizer,
-                                                  lr_lambda(tc.schedule, int(tc.warmup * steps), steps))
-        pad = self.bb.tokenizer.pad_token_id
-        plan = BatchPlan(len(prep.train), cfg.batch_size, seed)
-        shutil.rmtree(run_dir, ignore_errors=True)
-        run_dir.mkdir(parents=True)
-        curve: tuple[list[int], list[float]] = ([], [])
-
-        def evaluate(enc) -> dict:
-            return score(prep.spec, peft_logits(arm, enc, pad), enc)
-
-        def do_eval(step: int):
-            r = evaluate(dev)
-            curve[0].append(step)
-            curve[1].append(r["score"])
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": step, "eval": r}) + "\n")
-            return r["score"]
-
-        t0, load0 = time.time(), os.getloadavg()[0]
-        best = initial = do_eval(0)
-        best_step, best_prompt = 0, arm.prompt().detach().clone()
-        for step in range(steps):
-            b = prep.train.batch(plan.indices(step), pad)
-            torch.random.default_generator.manual_seed(seed * 1_000_003 + step)  # dropout, as train.py
-            arm.model.train()
-            out = peft_scores(arm, b["input_ids"], b["attention_mask"])
-            lo = F.cross_entropy(out, b["labels"].to(out.device))
-            lo.backward()
-            torch.nn.utils.clip_grad_norm_(arm.params, tc.max_grad_norm)
-            arm.optimizer.step()
-            sched.step()
-            arm.optimizer.zero_grad(set_to_none=True)
-            if (step + 1) % cfg.eval_every == 0 or step + 1 == steps:
-                s = do_eval(step + 1)
-                if s > best:
-                    best, best_step, best_prompt = s, step + 1, arm.prompt().detach().clone()
-        seconds = time.time() - t0
-        with torch.no_grad():
-            arm.prompt().copy_(best_prompt)
-        rec = {"init": "random (PEFT PromptTuning)", "seed": seed, "mode": "prompt", "prompt_length": cfg.prompt_length,
-               "steps": steps, "initial": initial, "dev": best, "dev_last": curve[1][-1],
-               "test": evaluate(test)["score"] if test is not None else None, "best_step": best_step,
-               "curve": curve, "seconds": round(seconds, 2), "s_per_step": seconds / steps,
-               "load": [round(load0, 2), round(os.getloadavg()[0], 2)], "run_dir": str(run_dir),
-               "metric": prep.spec.metric}
-        arm = own = None  # free the model copy before the next arm (the closures above are done with it)
-        return self.store(run_dir / "record.json", rkey, rec)
+        return run_peft(self, task, seed, steps, run_name)
 
     # -- 3. one target ------------------------------------------------------------------------------
     def graph_for(self, target: str, sources: dict) -> "object":
@@ -520,7 +441,8 @@ class Bench:
                     try:
                         cr = compose(ComposeConfig(graph=str(graph_path), target=target, strategy=strategy,
                                                    top_k=cfg.top_k, metric="transfer", shots=shots, method=method,
-                                                   seed=seed, model=cfg.model, data_dir=cfg.data_dir, save=name),
+                                                   seed=seed, backbone=cfg.model, data_dir=cfg.data_dir,
+                                                   save=name),
                                      library=self.lib, backbone=self.bb)
                     except ComposeError as e:
                         skipped[arm] = str(e)
@@ -572,42 +494,6 @@ class Bench:
                 "subtasks": subtasks, "transfer": transfer, "similarity": sims, "pairs": pairs,
                 "pair_steps": self.pair_steps, "target_prompt": target_prompt, "graph": str(graph_path),
                 "seconds": round(time.time() - t_start, 1)}
-
-
-# -- PEFT scoring (the loss of our heads on PEFT's output) ---------------------------------------
-def peft_scores(arm, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """input_ids [B, T], mask [B, T] (right-padded) -> label scores [B, C], as our head scores them.
-
-    PEFT puts the P virtual tokens in front (before [CLS]), so its outputs cover [B, P+T].
-    """
-    L, P = arm.loss_fn, arm.P
-    B = input_ids.shape[0]
-    device = arm.prompt().device
-    input_ids, mask = input_ids.to(device), mask.to(device)
-    out = arm.model(input_ids=input_ids, attention_mask=mask)
-    full = torch.cat([mask.new_ones(B, P), mask], 1)  # [B, P+T]
-    if L.decoder:
-        last = full.sum(1) - 1  # the last real position
-        logits = out.logits[torch.arange(B), last]  # [B, V]
-        return F.log_softmax(logits.float(), dim=-1)[:, L.label_ids.to(device)]
-    hidden = out.last_hidden_state  # [B, P+T, H]
-    m = full.unsqueeze(-1).to(hidden.dtype)
-    pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-6)  # [B, H]
-    return F.normalize(pooled.float(), dim=-1) @ L.label_emb.to(device).T / L.temperature
-
-
-@torch.no_grad()
-def peft_logits(arm, enc, pad_id: int, batch_size: int = 64) -> torch.Tensor:
-    """Scores [N, C] in the split's order; rows batched by length, as composer.evaluate.predict does."""
-    arm.model.eval()
-    order = sorted(range(len(enc)), key=lambda i: len(enc.ids[i]))
-    out: list = [None] * len(enc)
-    for s in range(0, len(order), batch_size):
-        idx = order[s : s + batch_size]
-        b = enc.batch(idx, pad_id)
-        for i, row in zip(idx, peft_scores(arm, b["input_ids"], b["attention_mask"]).float().cpu()):
-            out[i] = row
-    return torch.stack(out)
 
 
 # -- main ---------------------------------------------------------------------------------------
@@ -681,7 +567,8 @@ def main(argv: list[str] | None = None) -> None:
 
     records = [r for v in targets.values() for recs in v["runs"].values() for r in recs]
     res = {"command": command, "commit": git_commit(), "config": dataclasses.asdict(cfg),
-           "machine": {"cpu": bench.cpu, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+           "machine": {"cpu": bench.cpu, "cpu_isa": bench.cpu_isa, "cpu_count": os.cpu_count(),
+                       "threads": torch.get_num_threads(),
                        "torch": torch.__version__, "transformers": transformers.__version__,
                        "peft": peft.__version__, "python": platform.python_version(),
                        "load_start": load_start, "load_end": round(os.getloadavg()[0], 2)},
@@ -690,7 +577,8 @@ def main(argv: list[str] | None = None) -> None:
            "transferability": correlations(targets), "wall_s": round(time.time() - t0, 1),
            "reused_runs": bench.reused,
            "run_commits": sorted({r.get("commit", "unknown").split()[0] for r in records}),
-           "run_cpus": sorted({r.get("cpu", "an unrecorded CPU") for r in records})}
+           "run_cpus": sorted({cpu_label(r.get("cpu", "an unrecorded CPU"), r.get("cpu_isa"))
+                               for r in records})}
 
     figs = Path(cfg.figures) if cfg.figures else (bench.runs / "figures" if cfg.tier == "smoke"
                                                   else ROOT / "bench" / "figures")

@@ -200,7 +200,9 @@ def markdown(res: dict, fig_rel) -> str:
         f"## Transfer benchmark ({c['tier']} tier)", "",
         f"Command: `{res['command']}`  ",
         f"Commit: `{res['commit']}`  ",
-        f"Machine: {res['machine']['cpu']}, {res['machine']['cpu_count']} cores, torch {res['machine']['torch']} "
+        f"Machine: {res['machine']['cpu']}"
+        + (f" ({res['machine']['cpu_isa']})" if res['machine'].get('cpu_isa') else "")
+        + f", {res['machine']['cpu_count']} cores, torch {res['machine']['torch']} "
         f"with {res['machine']['threads']} threads; load average {res['machine']['load_start']} at the start, "
         f"{res['machine']['load_end']} at the end (other jobs share the cores). Wall time {res['wall_s']:.0f} s.  ",
         f"Seeds: {', '.join(map(str, c['seeds']))} (training seed of every target arm: init, batch order, dropout, "

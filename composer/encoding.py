@@ -75,27 +75,40 @@ def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
 
 @dataclass
 class Encoded:
-    """One split, tokenised: ids[i] is a list of token ids, labels [N], scores [N] or None."""
+    """One split, tokenised: ids[i] is a list of token ids; labels [N] and scores [N] or None (classification),
+    or targets[i], the target's token ids ending in EOS, and references[i], its reference texts (generation)."""
 
     ids: list[list[int]]
     labels: torch.Tensor
     scores: torch.Tensor | None = None
+    targets: list[list[int]] | None = None
+    references: list[list[str]] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def batch(self, idx, pad_id: int) -> dict[str, torch.Tensor]:
+        """Rows ``idx`` right-padded: input_ids, attention_mask [B, T]; labels [B]; for generation also
+        targets [B, m] (padded with -100, the ignored label)."""
+        idx = list(idx)
         input_ids, mask = pad_batch([self.ids[i] for i in idx], pad_id)
-        return {"input_ids": input_ids, "attention_mask": mask, "labels": self.labels[list(idx)]}
+        out = {"input_ids": input_ids, "attention_mask": mask, "labels": self.labels[idx]}
+        if self.targets is not None:
+            out["targets"], _ = pad_batch([self.targets[i] for i in idx], -100)
+        return out
+
+    def _take(self, idx: list[int]) -> "Encoded":
+        pick = (lambda xs: None if xs is None else [xs[i] for i in idx])
+        return Encoded([self.ids[i] for i in idx], self.labels[idx],
+                       self.scores[idx] if self.scores is not None else None, pick(self.targets),
+                       pick(self.references))
 
     def subset(self, n: int | None, seed: int) -> "Encoded":
         """At most ``n`` rows, a seeded subset in the split's order (``self`` when it has no more than n)."""
         if n is None or len(self) <= n:
             return self
         g = torch.Generator().manual_seed(seed)
-        idx = sorted(torch.randperm(len(self), generator=g)[:n].tolist())
-        return Encoded([self.ids[i] for i in idx], self.labels[idx],
-                       self.scores[idx] if self.scores is not None else None)
+        return self._take(sorted(torch.randperm(len(self), generator=g)[:n].tolist()))
 
 
 def encode_split(spec, ds, tokenizer) -> Encoded:
@@ -104,6 +117,34 @@ def encode_split(spec, ds, tokenizer) -> Encoded:
     if not rows:
         raise TaskError(f"task '{spec.name}': the split is empty")
     ids = encode_rows(tokenizer, spec.template, rows, spec.max_length)
+    if getattr(spec, "is_generation", False):
+        return _encode_targets(spec, rows, ids, tokenizer)
     labels = torch.tensor([int(r["label"]) for r in rows], dtype=torch.long)
     scores = torch.tensor([float(r["score"]) for r in rows]) if "score" in rows[0] else None
     return Encoded(ids=ids, labels=labels, scores=scores)
+
+
+def eos_id(tokenizer) -> int | None:
+    """The token that ends a target: EOS, else the separator (BERT-style vocabularies have no EOS)."""
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+
+
+def _encode_targets(spec, rows: list[dict], ids: list[list[int]], tokenizer) -> Encoded:
+    """A generation split: each target rendered, tokenised, cut to max_target_length, ended with EOS."""
+    eos = eos_id(tokenizer)
+    if eos is None:
+        raise TaskError(f"task '{spec.name}' generates text, and the tokenizer has no end-of-sequence token")
+    texts = [spec.render_target(r) for r in rows]
+    m = int(getattr(spec, "max_target_length", 64))
+    toks = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    targets = [t[: m - 1] + [eos] for t in toks]
+    column = getattr(spec, "references", None) or "references"
+    refs = [_references(r.get(column), t) for r, t in zip(rows, texts)]
+    return Encoded(ids=ids, labels=torch.zeros(len(rows), dtype=torch.long), targets=targets, references=refs)
+
+
+def _references(refs, target: str) -> list[str]:
+    """The reference texts of a row: its references column where the data has several, else the target."""
+    if isinstance(refs, (list, tuple)) and refs:
+        return [str(x) for x in refs]
+    return [target]

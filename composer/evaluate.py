@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from composer import metrics as M
-from composer.encoding import Encoded
+from composer.encoding import Encoded, eos_id
+from composer.generation import cut_at_stop
 
 
 @torch.no_grad()
@@ -48,8 +49,58 @@ def score(spec, logits: torch.Tensor, enc: Encoded) -> dict:
     return out
 
 
-def evaluate(pm, spec, enc: Encoded, batch_size: int = 64, device=None, autocast=None) -> dict:
+def evaluate(pm, spec, enc: Encoded, batch_size: int = 64, device=None, autocast=None,
+             num_beams: int = 1, keep_predictions: bool = False) -> dict:
+    """The task's metric on a split: from logits (classification) or from generated text (generation)."""
+    if getattr(spec, "is_generation", False):
+        return evaluate_generation(pm, spec, enc, batch_size, device, autocast, num_beams, keep_predictions)
     return score(spec, predict(pm, enc, batch_size, device, autocast), enc)
+
+
+@torch.no_grad()
+def generate_texts(pm, spec, enc: Encoded, batch_size: int = 32, device=None, autocast=None,
+                   num_beams: int = 1, max_new_tokens: int | None = None) -> tuple[list[str], torch.Tensor]:
+    """-> (each row's generated text, cut at the task's stop strings; each row's target NLL [N])."""
+    device = device or next(pm.parameters()).device
+    tok = pm.backbone.tokenizer
+    was_training = pm.training
+    pm.eval()
+    order = sorted(range(len(enc)), key=lambda i: len(enc.ids[i]))
+    texts: list[str | None] = [None] * len(enc)
+    nll = torch.zeros(len(enc))
+    m = max_new_tokens or int(getattr(spec, "max_target_length", 64))
+    try:
+        for s in range(0, len(order), batch_size):
+            idx = order[s : s + batch_size]
+            b = enc.batch(idx, tok.pad_token_id)
+            ids, mask = b["input_ids"].to(device), b["attention_mask"].to(device)
+            ctx = autocast() if autocast else torch.autocast("cpu", enabled=False)
+            with ctx:
+                if enc.targets is not None:
+                    nll[idx] = pm(ids, mask, targets=b["targets"].to(device)).float().cpu()
+                new = pm.generate(ids, mask, max_new_tokens=m, num_beams=num_beams)
+            eos = eos_id(tok)
+            for i, row in zip(idx, new.tolist()):
+                if eos in row:
+                    row = row[: row.index(eos)]
+                texts[i] = cut_at_stop(tok.decode(row, skip_special_tokens=True), getattr(spec, "stop", None))
+    finally:
+        pm.train(was_training)
+    return texts, nll
+
+
+def evaluate_generation(pm, spec, enc: Encoded, batch_size: int = 32, device=None, autocast=None,
+                        num_beams: int = 1, keep_predictions: bool = False) -> dict:
+    """Generate every row, score the texts against the references with the task's metrics (the first is
+    ``score``), and the mean target NLL as ``loss``."""
+    texts, nll = generate_texts(pm, spec, enc, batch_size, device, autocast, num_beams)
+    names = list(getattr(spec, "metrics", None) or [spec.metric])
+    values = M.compute_generations(names, texts, enc.references)
+    out = {"metric": names[0], "score": float(values[names[0]]), "metrics": values,
+           "loss": float(nll.mean()), "n": len(enc)}
+    if keep_predictions:
+        out["predictions"] = [{"prediction": t, "references": r} for t, r in zip(texts, enc.references)]
+    return out
 
 
 def confusion(logits: torch.Tensor, labels: torch.Tensor, C: int) -> np.ndarray:

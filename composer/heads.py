@@ -22,7 +22,7 @@ from composer.encoding import pad_batch
 from composer.errors import ComposerError, TaskError
 
 __all__ = ["HEADS", "DEFAULT_HEAD", "resolve_head", "make_head", "label_descriptions", "VerbalizerHead",
-           "LabelSimilarityHead", "MaskedLMHead", "LinearHead", "mean_pool", "last_token"]
+           "LabelSimilarityHead", "MaskedLMHead", "LinearHead", "GenerationHead", "mean_pool", "last_token"]
 # DEFAULT_HEAD is by family; an encoder loaded with its masked-LM head defaults to mlm (see resolve_head)
 
 
@@ -206,6 +206,15 @@ class LabelSimilarityHead(nn.Module):
         return x @ self.label_embeddings(pm).T / self.temperature  # [B, C]
 
 
+class GenerationHead(nn.Module):
+    """A generation task has no labels to score: the model is called with its targets (composer/generation.py)."""
+
+    kind = "generation"
+
+    def forward(self, pm, embeds: torch.Tensor, mask: torch.Tensor, P: int) -> torch.Tensor:
+        raise ComposerError("a generation task has no labels to score: call the model with targets=, or generate")
+
+
 class LinearHead(nn.Module):
     """Linear(H, C) on the pooled input: mean (encoders, encoder side) or last token (decoders)."""
 
@@ -226,6 +235,13 @@ def resolve_head(spec, backbone, head: str | None = None) -> str:
     """The head a task gets on ``backbone`` (a Backbone): ``head``, else the spec's, else the family's default.
 
     Fails with one line when the head cannot work on that backbone."""
+    if getattr(spec, "is_generation", False):
+        if backbone.family == "encoder":
+            raise ComposerError(f"task '{spec.name}' generates text, which needs a decoder or an encoder-decoder, "
+                                f"and '{backbone.name}' is an encoder: use --model smollm2-135m")
+        if head not in (None, "generation"):
+            raise ComposerError(f"task '{spec.name}' generates text: scoring heads do not apply; drop --head {head}")
+        return "generation"
     kind = head or getattr(spec, "head", None) or ("mlm" if backbone.has_mlm_head else DEFAULT_HEAD[backbone.family])
     if kind not in HEADS:
         raise ComposerError(f"unknown head '{kind}': use one of {', '.join(HEADS)}")
@@ -250,6 +266,8 @@ def label_descriptions(spec) -> list[str]:
 def make_head(spec, backbone, kind: str, label_temperature: float = 0.05, seed: int = 0) -> nn.Module:
     """The ``kind`` head for task ``spec`` on ``backbone`` (its tokenizer turns label words into ids)."""
     tok = backbone.tokenizer
+    if kind == "generation":
+        return GenerationHead()
     if kind == "verbalizer":
         ids = [tok(w, add_special_tokens=False)["input_ids"] for w in spec.label_words]
         empty = [w for w, i in zip(spec.label_words, ids) if not i]

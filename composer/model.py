@@ -22,6 +22,7 @@ from torch import nn
 from composer.attention import load_source
 from composer.backbones import Backbone
 from composer.errors import ComposerError, LibraryError, TrainingError
+from composer.generation import decode, target_nll
 from composer.heads import make_head, resolve_head
 from composer.library import check_compatible
 from composer.prefix import PrefixPrompt, cache_keyword, check_reaches, is_prefix, prefix_cache
@@ -168,74 +169,26 @@ class PromptedModel(nn.Module):
         return kw
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                prompt: torch.Tensor | None = None) -> torch.Tensor:
+                prompt: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """-> logits [B, C] over the task's labels, or with ``targets`` [B, m] (a generation task's target
+        tokens, -100 padded) each row's mean target NLL [B]. One forward for both, so DDP sees every call."""
         with attention_kernels(input_ids.device):
             embeds, mask, P, prefix = self.prompted(input_ids, attention_mask, prompt)
             with self.using_prefix(prefix):
+                if targets is not None:
+                    return target_nll(self, embeds, mask, targets)
                 return self.head(self, embeds, mask, P)
 
     # -- generation -------------------------------------------------------------------------
-    @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int = 20,
-                 use_cache: bool = True, prompt: torch.Tensor | None = None) -> torch.Tensor:
-        """Greedy generation with the prompt in front: -> new tokens [B, N].
+                 use_cache: bool = True, prompt: torch.Tensor | None = None, num_beams: int = 1) -> torch.Tensor:
+        """New tokens [B, N] with the prompt (or prefix) in front (composer/generation.py).
 
         The prompt is part of the context at every step whether the cache is on or off (the
         PEFT pitfall: a cache-less loop that re-feeds only token ids silently drops it).
         """
-        if self.family == "encoder":
-            raise ValueError("generation needs a decoder or encoder-decoder backbone")
         with attention_kernels(input_ids.device):
-            return self._generate(input_ids, attention_mask, max_new_tokens, use_cache, prompt)
-
-    def _generate(self, input_ids, attention_mask, max_new_tokens, use_cache, prompt) -> torch.Tensor:
-        tok = self.backbone.tokenizer
-        if self.family == "encoder-decoder":
-            embeds, mask, _, prefix = self.prompted(input_ids, attention_mask, prompt)
-            if prefix is not None:
-                raise ComposerError("generation with a prefix on an encoder-decoder is not supported yet; "
-                                    "use --kind prompt there (decoders generate with either kind)")
-            out = self.network.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                         do_sample=False, use_cache=use_cache, num_beams=1)
-            start = self.network.config.decoder_start_token_id
-            return out[:, 1:] if out.shape[1] and (out[:, 0] == start).all() else out
-        # decoder: left-align so every row's last token is at the end, then an explicit loop
-        lengths = attention_mask.sum(1)
-        T = input_ids.shape[1]
-        shift = (T - lengths).tolist()
-        ids = torch.stack([torch.roll(row, s) for row, s in zip(input_ids, shift)])
-        am = torch.stack([torch.roll(row, s) for row, s in zip(attention_mask, shift)])
-        embeds, mask, _, prefix = self.prompted(ids, am, prompt)
-        P = 0 if prefix is None else prefix.shape[3]
-        eos = tok.eos_token_id
-        done = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
-        new, past = [], None
-        cache = cache_keyword(self.network)
-        step_embeds = embeds
-        if prefix is not None:  # the prefix's P positions count in the mask (and so in the positions)
-            mask = torch.cat([mask.new_ones(len(ids), P), mask], 1)
-        for _ in range(max_new_tokens):
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, P:]  # the text's positions
-            if use_cache and past is not None:
-                out = self.network(inputs_embeds=step_embeds, attention_mask=mask, position_ids=pos[:, -1:],
-                                    use_cache=True, **{cache: past})
-            else:  # the whole sequence again; a prefix comes in a fresh cache each time
-                with self.using_prefix(prefix):
-                    kw, _ = self._with_prefix(len(ids), None)
-                out = self.network(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=use_cache,
-                                   **kw)
-            past = out.get(cache) if use_cache else None
-            nxt = out.logits[:, -1].float().argmax(-1)  # [B]
-            if eos is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
-                done |= nxt == eos
-            new.append(nxt)
-            step_embeds = self.embed(nxt[:, None])  # [B, 1, H]
-            embeds = torch.cat([embeds, step_embeds], dim=1)
-            mask = torch.cat([mask, mask.new_ones(len(ids), 1)], dim=1)
-            if done.all():
-                break
-        return torch.stack(new, dim=1)
+            return decode(self, input_ids, attention_mask, max_new_tokens, num_beams, use_cache, prompt)
 
 
 class MultiTaskModel(nn.Module):
@@ -268,21 +221,32 @@ class MultiTaskModel(nn.Module):
         """Task ``task`` as a single-task PromptedModel (shares every module with this model)."""
         return self._views[task]
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                task_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task_ids: torch.Tensor,
+                labels: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """-> logits [B, C]; or, given ``labels`` [B] (and ``targets`` [B, m] for generation tasks' rows),
+        each row's loss [B]: cross-entropy for a classification row, the target's mean NLL for a generation
+        row. One forward for both, so DDP sees every call."""
         C = max(self.num_labels.values())
-        rows_all, logits_all = [], []
+        rows_all, out_all = [], []
         for i in torch.unique(task_ids).tolist():
             rows = (task_ids == i).nonzero(as_tuple=True)[0]  # [B_i]
             ids, mask = input_ids[rows], attention_mask[rows]  # [B_i, T]
             used = int(mask.sum(1).max())
             if not mask[:, used:].any():  # right-padded: drop the pad columns no row of this task needs
                 ids, mask = ids[:, :used], mask[:, :used]
-            logits = self._views[self.tasks[i]](ids, mask).float()  # [B_i, C_i]
-            logits_all.append(F.pad(logits, (0, C - logits.shape[1]), value=float("-inf")))  # [B_i, C]
+            view = self._views[self.tasks[i]]
+            if labels is None:
+                logits = view(ids, mask).float()  # [B_i, C_i]
+                out_all.append(F.pad(logits, (0, C - logits.shape[1]), value=float("-inf")))  # [B_i, C]
+            elif view.head.kind == "generation":
+                tgt = targets[rows]
+                tgt = tgt[:, : int((tgt >= 0).sum(1).max())]  # the pad columns no row of this task needs
+                out_all.append(view(ids, mask, targets=tgt).float())  # [B_i]
+            else:
+                out_all.append(F.cross_entropy(view(ids, mask).float(), labels[rows], reduction="none"))
             rows_all.append(rows)
         order = torch.cat(rows_all)  # [B]: the batch row of each grouped row
-        return torch.cat(logits_all)[torch.argsort(order)]  # [B, C] in batch order
+        return torch.cat(out_all)[torch.argsort(order)]  # [B, C] or [B], in batch order
 
 
 # -- assembling a task's model ----------------------------------------------------------------------

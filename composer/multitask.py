@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
@@ -171,11 +170,16 @@ def prepare_multitask(cfg: MultiTaskConfig, backbone: Backbone | None = None,
 
 def _batch(mp: MultiPrepared, keys: list[str], pairs: list[tuple[int, int]],
            pad: int) -> dict[str, torch.Tensor]:
-    """(task position, example index) pairs -> one padded batch with labels and task_ids [B]."""
+    """(task position, example index) pairs -> one padded batch with labels, task_ids [B] and, when a
+    generation task is in the mixture, targets [B, m] (-100 for classification rows)."""
     ids, mask = pad_batch([mp.tasks[keys[t]].train.ids[i] for t, i in pairs], pad)
     labels = torch.stack([mp.tasks[keys[t]].train.labels[i] for t, i in pairs])
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels,
-            "task_ids": torch.tensor([t for t, _ in pairs], dtype=torch.long)}
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels,
+           "task_ids": torch.tensor([t for t, _ in pairs], dtype=torch.long)}
+    if any(mp.tasks[k].train.targets is not None for k in keys):
+        targets = [mp.tasks[keys[t]].train.targets for t, _ in pairs]
+        out["targets"], _ = pad_batch([tg[i] if tg is not None else [] for tg, (_, i) in zip(targets, pairs)], -100)
+    return out
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -239,10 +243,10 @@ def train_multitask(cfg: MultiTaskConfig, library: Library | None = None, progre
             b = _batch(mp, keys, shard(plan.indices(step), acc.process_index, acc.num_processes), pad)
             seed_step(cfg.seed, step, acc.device)
             with acc.autocast():
-                logits = model(b["input_ids"].to(acc.device), b["attention_mask"].to(acc.device),
-                               b["task_ids"].to(acc.device))  # [B, C]
-                per_row = F.cross_entropy(logits.float(), b["labels"].to(acc.device), reduction="none")  # [B]
-                loss = per_row.mean()
+                per_row = model(b["input_ids"].to(acc.device), b["attention_mask"].to(acc.device),
+                                b["task_ids"].to(acc.device), labels=b["labels"].to(acc.device),
+                                targets=b["targets"].to(acc.device) if "targets" in b else None)  # [B]
+                loss = per_row.float().mean()
             training_step(acc, loss, opt, cfg.max_grad_norm, step, run, cfg.lr)
             step += 1
             state["step"] = step

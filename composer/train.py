@@ -123,8 +123,11 @@ def train(cfg: TrainConfig, prepared: Prepared | None = None, resume: str | Path
             b = prep.train.batch(shard(plan.indices(step), acc.process_index, acc.num_processes), pad)
             seed_step(cfg.seed, step, acc.device)
             with acc.autocast():
-                logits = model(b["input_ids"].to(acc.device), b["attention_mask"].to(acc.device))  # [B, C]
-                loss = F.cross_entropy(logits.float(), b["labels"].to(acc.device))
+                ids, mask = b["input_ids"].to(acc.device), b["attention_mask"].to(acc.device)
+                if "targets" in b:  # a generation task: the NLL of the target's tokens
+                    loss = model(ids, mask, targets=b["targets"].to(acc.device)).float().mean()
+                else:
+                    loss = F.cross_entropy(model(ids, mask).float(), b["labels"].to(acc.device))  # logits [B, C]
             training_step(acc, loss, opt, cfg.max_grad_norm, step, run, cfg.lr)
             step += 1
             state["step"] = step

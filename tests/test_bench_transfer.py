@@ -67,6 +67,21 @@ def test_finished_run_is_read_back(bench_mod, toy_task, tiny_bert_dir, tmp_path)
     assert d.reused == 0
 
 
+def test_records_name_the_cpu_and_its_instruction_set_outside_the_key(bench_mod, toy_task, tiny_bert_dir,
+                                                                        tmp_path):
+    a = make(bench_mod, tiny_bert_dir, tmp_path)
+    a.tune("toy", "random", 0, 4, "random-s0")
+    record = tmp_path / "runs" / "toy" / "random-s0" / "record.json"
+    rec = json.loads(record.read_text())
+    assert rec["cpu_isa"] == torch.backends.cpu.get_cpu_capability() and rec["cpu_isa"]
+    assert rec["cpu"] == a.cpu and not {"cpu", "cpu_isa"} & set(rec["key"])
+
+    del rec["cpu_isa"]  # a record written before the field was: still the same run
+    record.write_text(json.dumps(rec))
+    b = make(bench_mod, tiny_bert_dir, tmp_path)
+    assert "cpu_isa" not in b.tune("toy", "random", 0, 4, "random-s0") and b.reused == 1
+
+
 def test_time_budget_starts_no_new_run_but_reads_finished_ones_back(bench_mod, toy_task, tiny_bert_dir, tmp_path):
     make(bench_mod, tiny_bert_dir, tmp_path).tune("toy", "random", 0, 4, "random-s0")
     spent = make(bench_mod, tiny_bert_dir, tmp_path, time_budget=0)
@@ -190,9 +205,13 @@ def test_whole_pipeline_writes_its_report_and_reads_it_back(bench_mod, records, 
     assert again["reused_runs"] == n_records and again["summary"] == res["summary"]
     assert again["targets"]["toy"]["runs"] == t["runs"]
     assert sorted(s["reused"] for s in again["sources"].values()) == [True, True]
-    # each record names the CPU that made it (float kernels differ between CPUs), and the report says it
-    assert again["run_cpus"] == [res["machine"]["cpu"]]
-    assert f"made on {res['machine']['cpu']} (the same code" in (out / "r.md").read_text()
+    # each record names the CPU that made it and the kernels' instruction set (float kernels differ between
+    # CPUs), and the report says it
+    cpu = f"{res['machine']['cpu']} ({res['machine']['cpu_isa']})"
+    assert res["machine"]["cpu_isa"] == torch.backends.cpu.get_cpu_capability()
+    assert again["run_cpus"] == [cpu]
+    md = (out / "r.md").read_text()
+    assert f"made on {cpu} (the same code" in md and f"Machine: {cpu}, " in md
 
 
 def _rec(seed, test, dev=0.5):

@@ -1,0 +1,153 @@
+"""The peft arm of bench/transfer.py: PEFT's PromptTuning, tuned the way every other arm is.
+
+Same data order, init (random's), loss (our head's, computed on PEFT's output), optimizer, schedule,
+clipping, dev evaluations and best-dev checkpoint as a composer run of the same target and seed; the
+PEFT model is built by bench/step_overhead.py's PeftArm, which that script checks against composer's
+own step. The run's record goes through the bench's records (Bench.run_key / stored / store), so a
+finished run is read back instead of trained again.
+
+    from peft_arm import run_peft
+    rec = run_peft(bench, "cr-fs", seed=0, steps=40, run_name="peft-s0")
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import time
+import types
+
+import torch
+import torch.nn.functional as F
+from step_overhead import Loss, PeftArm
+
+
+def head_loss(head, model, label_temperature: float, max_grad_norm: float) -> Loss:
+    """Our head's loss on PEFT's outputs: label similarity (encoders), single-token verbalizer (decoders)."""
+    loss = Loss(decoder=head.kind == "verbalizer", label_ids=None, label_emb=None,
+                temperature=label_temperature, max_grad_norm=max_grad_norm)
+    if head.kind == "label-similarity":
+        with torch.no_grad():
+            loss.label_emb = head.label_embeddings(model).detach().clone()  # [C, H]
+    elif head.kind == "verbalizer" and head.single:
+        loss.label_ids = torch.tensor([t[0] for t in head.label_token_ids])  # [C]
+    else:
+        raise RuntimeError(f"the peft arm supports the label-similarity and single-token verbalizer heads, "
+                           f"not {head.kind}")
+    return loss
+
+
+def peft_scores(arm: PeftArm, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """input_ids [B, T], mask [B, T] (right-padded) -> label scores [B, C], as our head scores them.
+
+    PEFT puts the P virtual tokens in front (before [CLS]), so its outputs cover [B, P+T].
+    """
+    L, P = arm.loss_fn, arm.P
+    B = input_ids.shape[0]
+    device = arm.prompt().device
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    out = arm.model(input_ids=input_ids, attention_mask=mask)
+    full = torch.cat([mask.new_ones(B, P), mask], 1)  # [B, P+T]
+    if L.decoder:
+        last = full.sum(1) - 1  # the last real position
+        logits = out.logits[torch.arange(B), last]  # [B, V]
+        return F.log_softmax(logits.float(), dim=-1)[:, L.label_ids.to(device)]
+    hidden = out.last_hidden_state  # [B, P+T, H]
+    m = full.unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-6)  # [B, H]
+    return F.normalize(pooled.float(), dim=-1) @ L.label_emb.to(device).T / L.temperature
+
+
+@torch.no_grad()
+def peft_logits(arm: PeftArm, enc, pad_id: int, batch_size: int = 64) -> torch.Tensor:
+    """Scores [N, C] in the split's order; rows batched by length, as composer.evaluate.predict does."""
+    arm.model.eval()
+    order = sorted(range(len(enc)), key=lambda i: len(enc.ids[i]))
+    out: list = [None] * len(enc)
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        b = enc.batch(idx, pad_id)
+        for i, row in zip(idx, peft_scores(arm, b["input_ids"], b["attention_mask"]).float().cpu()):
+            out[i] = row
+    return torch.stack(out)
+
+
+def run_peft(bench, task: str, seed: int, steps: int, run_name: str) -> dict:
+    """One PEFT PromptTuning run of ``task`` -> its record (read back from bench.runs/TASK/RUN_NAME when
+    finished).
+
+    ``bench`` is a bench/transfer.py Bench: its cfg (model, batch, lr, prompt length, evaluations), backbone,
+    library, run folders, records and time budget.
+    """
+    from composer.evaluate import score
+    from composer.model import freeze_backbone
+    from composer.runstate import BatchPlan, lr_lambda
+    from composer.train import TrainConfig, prepare
+
+    cfg = bench.cfg
+    run_dir = bench.runs / task / run_name
+    rkey = bench.run_key(arm="peft", task=task, init="random", seed=seed, steps=steps,
+                         prompt_length=cfg.prompt_length)
+    rec = bench.stored(run_dir / "record.json", rkey)
+    if rec is not None:
+        return rec
+    bench.may_start(f"{task} {run_name}")
+    tc = TrainConfig(task=task, backbone=cfg.model, prompt_length=cfg.prompt_length, steps=steps,
+                     batch_size=cfg.batch_size, lr=cfg.lr, seed=seed, data_dir=cfg.data_dir)
+    prep = prepare(tc, backbone=bench.bb, library=bench.lib)  # random's init, data and head
+    freeze_backbone(prep.model)
+    loss = head_loss(prep.model.head, prep.model, tc.label_temperature, tc.max_grad_norm)
+    dev = prep.dev.subset(cfg.max_eval, 0)  # the dev and test subsets of every other arm
+    test = prep.test.subset(cfg.max_test, 0) if prep.test is not None else None
+    init = prep.model.prompt_source.weight.detach().clone()  # [P, H]
+    own = types.SimpleNamespace(model=copy.deepcopy(bench.bb.network), family=bench.bb.family)  # PEFT wraps it
+    arm = PeftArm(own, cfg.prompt_length, init, cfg.lr, loss)
+    warmup = int(tc.warmup * steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(arm.optimizer, lr_lambda(tc.schedule, warmup, steps))
+    pad = bench.bb.tokenizer.pad_token_id
+    plan = BatchPlan(len(prep.train), cfg.batch_size, seed)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    curve: tuple[list[int], list[float]] = ([], [])
+
+    def evaluate(enc) -> dict:
+        return score(prep.spec, peft_logits(arm, enc, pad), enc)
+
+    def do_eval(step: int) -> float:
+        r = evaluate(dev)
+        curve[0].append(step)
+        curve[1].append(r["score"])
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "eval": r}) + "\n")
+        return r["score"]
+
+    t0, load0 = time.time(), os.getloadavg()[0]
+    best = initial = do_eval(0)
+    best_step, best_prompt = 0, arm.prompt().detach().clone()
+    for step in range(steps):
+        b = prep.train.batch(plan.indices(step), pad)
+        torch.random.default_generator.manual_seed(seed * 1_000_003 + step)  # dropout, as train.py
+        arm.model.train()
+        out = peft_scores(arm, b["input_ids"], b["attention_mask"])  # [B, C]
+        lo = F.cross_entropy(out, b["labels"].to(out.device))
+        lo.backward()
+        torch.nn.utils.clip_grad_norm_(arm.params, tc.max_grad_norm)
+        arm.optimizer.step()
+        sched.step()
+        arm.optimizer.zero_grad(set_to_none=True)
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == steps:
+            s = do_eval(step + 1)
+            if s > best:
+                best, best_step, best_prompt = s, step + 1, arm.prompt().detach().clone()
+    seconds = time.time() - t0
+    with torch.no_grad():
+        arm.prompt().copy_(best_prompt)
+    rec = {"init": "random (PEFT PromptTuning)", "seed": seed, "mode": "prompt",
+           "prompt_length": cfg.prompt_length, "steps": steps, "initial": initial, "dev": best,
+           "dev_last": curve[1][-1], "test": evaluate(test)["score"] if test is not None else None,
+           "best_step": best_step, "curve": curve, "seconds": round(seconds, 2),
+           "s_per_step": seconds / steps, "load": [round(load0, 2), round(os.getloadavg()[0], 2)],
+           "run_dir": str(run_dir), "metric": prep.spec.metric}
+    arm = own = None  # free the model copy before the next arm (the closures above are done with it)
+    return bench.store(run_dir / "record.json", rkey, rec)

@@ -1,0 +1,168 @@
+"""Generation tasks on tiny decoder and encoder-decoder models: the target loss, decoding, evaluation, training."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from composer.backbones import wrap
+from composer.config import MultiTaskConfig, TrainConfig
+from composer.encoding import encode_split
+from composer.errors import ComposerError
+from composer.evaluate import evaluate
+from composer.model import build_model
+from composer.prompts import init_prompt
+from composer.tasks import load_task
+from composer.taskdata import load_splits
+from composer.train import train
+
+from .conftest import tiny_model
+
+WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree"]
+
+
+def write_copy_task(root, name="copy", n=64):
+    """Repeat the word: 'Say: red Reply:' -> ' red' (exact match)."""
+    rng = random.Random(0)
+    data = root / "data" / name
+    data.mkdir(parents=True, exist_ok=True)
+    for split, size in (("train", n), ("dev", 16), ("test", 16)):
+        rows = ["text,reply"] + [f"{w},{w}" for w in (rng.choice(WORDS) for _ in range(size))]
+        (data / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    (root / "tasks").mkdir(exist_ok=True)
+    (root / "tasks" / f"{name}.yaml").write_text(f"""name: {name}
+description: toy copy task
+type: generation
+data: {{source: files, format: csv, splits: {{train: {name}/train.csv, dev: {name}/dev.csv, test: {name}/test.csv}}}}
+inputs: [text, reply]
+template: "Say: {{text}} Reply:"
+target: " {{reply}}"
+metric: exact_match
+metrics: [exact_match, token_f1]
+max_length: 16
+max_target_length: 4
+""")
+    return root / "tasks" / f"{name}.yaml"
+
+
+@pytest.fixture
+def copy_task(tmp_path, monkeypatch):
+    monkeypatch.setenv("PROMPT_COMPOSER_DATA", str(tmp_path / "data"))
+    return write_copy_task(tmp_path)
+
+
+def _encoded(spec, tokenizer, split="dev"):
+    return encode_split(spec, load_splits(spec, splits=[split])[split], tokenizer)
+
+
+def test_targets_end_with_eos_and_batch_with_ignored_padding(copy_task, tokenizer):
+    spec = load_task(str(copy_task))
+    enc = _encoded(spec, tokenizer)
+    from composer.encoding import eos_id
+
+    assert all(t[-1] == eos_id(tokenizer) for t in enc.targets) and enc.references[0] == [enc.references[0][0]]
+    b = enc.batch([0, 1, 2], tokenizer.pad_token_id)
+    assert b["targets"].shape[0] == 3 and ((b["targets"] >= 0) | (b["targets"] == -100)).all()
+
+
+@pytest.mark.parametrize("family", ["decoder", "encoder-decoder"])
+@pytest.mark.parametrize("kind", ["prompt", "prefix"])
+def test_target_nll_is_the_models_own_loss_on_the_target(copy_task, tokenizer, family, kind):
+    """Our loss on the target tokens equals the backbone's own loss with the other labels ignored (the
+    prompt, or the prefix, in front), row by row."""
+    spec = load_task(str(copy_task))
+    net = tiny_model(family).eval()
+    bb = wrap(net, tokenizer, name=f"tiny-{family}", family=family)
+    prompt, _ = init_prompt("random", 3, bb, spec, seed=0, kind=kind)
+    pm = build_model(bb, spec, prompt).eval()
+    enc = _encoded(spec, tokenizer)
+    b = enc.batch([0, 1], tokenizer.pad_token_id)
+    with torch.no_grad():
+        got = pm(b["input_ids"], b["attention_mask"], targets=b["targets"])
+        for r in range(2):
+            ids = torch.tensor([enc.ids[r]])
+            tgt = torch.tensor([enc.targets[r]])
+            embeds, mask, _, prefix = pm.prompted(ids, torch.ones_like(ids))
+            with pm.using_prefix(prefix):
+                if family == "decoder":
+                    x = torch.cat([embeds, pm.embed(tgt)], 1)
+                    labels = torch.cat([torch.full((1, embeds.shape[1]), -100), tgt], 1)
+                    kw, m = pm._with_prefix(1, torch.ones(1, x.shape[1], dtype=torch.long))
+                    want = net(inputs_embeds=x, attention_mask=m, labels=labels, **kw).loss
+                else:
+                    want = net(inputs_embeds=embeds, attention_mask=mask, labels=tgt, **pm.decoder_prefix(1)).loss
+            torch.testing.assert_close(got[r], want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_batched_decoding_equals_one_row_at_a_time_and_the_cache_does_not_matter(tokenizer, num_beams):
+    net = tiny_model("decoder").eval()
+    bb = wrap(net, tokenizer, name="tiny-decoder", family="decoder")
+    spec = type("S", (), {"name": "s", "is_generation": True})()
+    pm = build_model(bb, spec, torch.randn(3, 32, generator=torch.Generator().manual_seed(0)) * 0.5).eval()
+    ids = torch.tensor([[101, 2000, 2001, 2002], [101, 2003, 0, 0]])
+    mask = (ids != 0).long()
+    both = pm.generate(ids, mask, max_new_tokens=5, num_beams=num_beams)
+    assert torch.equal(both, pm.generate(ids, mask, max_new_tokens=5, num_beams=num_beams, use_cache=False))
+    for r in range(2):
+        n = int(mask[r].sum())
+        alone = pm.generate(ids[r : r + 1, :n], mask[r : r + 1, :n], max_new_tokens=5, num_beams=num_beams)
+        assert torch.equal(both[r, : alone.shape[1]], alone[0])
+
+
+def test_beam_search_finds_a_sequence_at_least_as_likely_as_greedy(tokenizer):
+    net = tiny_model("decoder").eval()
+    bb = wrap(net, tokenizer, name="tiny-decoder", family="decoder")
+    spec = type("S", (), {"name": "s", "is_generation": True})()
+    pm = build_model(bb, spec, torch.randn(2, 32, generator=torch.Generator().manual_seed(3))).eval()
+    ids = torch.tensor([[101, 2000, 2001]])
+    mask = torch.ones_like(ids)
+
+    def logp(new):
+        with torch.no_grad():
+            return -pm(ids, mask, targets=new).item() * new.shape[1]
+
+    greedy, beam = (pm.generate(ids, mask, max_new_tokens=4, num_beams=k) for k in (1, 4))
+    assert logp(beam) >= logp(greedy) - 1e-4
+
+
+def test_an_encoder_cannot_take_a_generation_task(copy_task, tokenizer):
+    spec = load_task(str(copy_task))
+    bb = wrap(tiny_model("encoder"), tokenizer, name="tiny-encoder", family="encoder")
+    with pytest.raises(ComposerError, match="generates text, which needs a decoder or an encoder-decoder"):
+        build_model(bb, spec, torch.zeros(2, 32))
+
+
+def test_evaluate_generation_reports_every_metric_and_keeps_predictions(copy_task, tokenizer):
+    spec = load_task(str(copy_task))
+    bb = wrap(tiny_model("decoder").eval(), tokenizer, name="tiny-decoder", family="decoder")
+    pm = build_model(bb, spec, torch.zeros(2, 32))
+    r = evaluate(pm, spec, _encoded(spec, tokenizer), keep_predictions=True)
+    assert r["metric"] == "exact_match" and set(r["metrics"]) == {"exact_match", "token_f1"}
+    assert 0 <= r["score"] <= 1 and r["loss"] > 0 and len(r["predictions"]) == r["n"] == 16
+
+
+@pytest.mark.parametrize("kind", ["prompt", "prefix"])
+def test_train_a_generation_task_lowers_the_target_loss(copy_task, tiny_llama_dir, tmp_path, kind):
+    cfg = TrainConfig(task=str(copy_task), backbone=str(tiny_llama_dir), kind=kind, prompt_length=4, steps=30,
+                      batch_size=16, lr=0.05 if kind == "prefix" else 0.3, eval_every=15, max_eval=16,
+                      run_dir=str(tmp_path / f"run-{kind}"), save=f"copy-{kind}")
+    import json
+
+    r = train(cfg, progress=False)
+    assert r["metric"] == "exact_match" and "test" in r and r["initial"]["loss"] > 0
+    lines = [json.loads(x) for x in (tmp_path / f"run-{kind}" / "metrics.jsonl").read_text().splitlines()]
+    losses = [x["loss"] for x in lines if "loss" in x and "eval" not in x]
+    evals = [x["eval"]["loss"] for x in lines if "eval" in x]
+    assert losses[-1] < losses[0] and evals[-1] < evals[0]  # the target's NLL falls, on train and on dev
+
+
+def test_multitask_mixes_generation_and_classification_rows(copy_task, toy_task, tiny_llama_dir, tmp_path):
+    from composer.multitask import train_multitask
+
+    cfg = MultiTaskConfig(tasks=[str(copy_task), str(toy_task)], backbone=str(tiny_llama_dir), prompt_length=3,
+                          steps=4, batch_size=8, eval_every=4, max_eval=8, run_dir=str(tmp_path / "mt"))
+    r = train_multitask(cfg, progress=False)
+    assert set(r["per_task"]) == {"copy", "toy"}
+    assert r["per_task"]["copy"]["metric"] == "exact_match" and r["per_task"]["toy"]["metric"] == "accuracy"
