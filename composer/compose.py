@@ -232,6 +232,7 @@ def compose(cfg: ComposeConfig, library: Library | None = None, backbone: Backbo
                           shots=cfg.shots if needs_model else None, seed=cfg.seed, top_k=cfg.top_k)
         meta = {"task": spec.name, "backbone": cands[0].meta.get("backbone"), "family": cands[0].meta.get("family"),
                 "hidden_size": cands[0].meta.get("hidden_size"), "kind": "prefix" if num_layers else "prompt",
+                "prefix_heads": cands[0].meta.get("prefix_heads"),
                 "head": cands[0].meta.get("head"), "metrics": {}, "config": vars(cfg).copy(),
                 "provenance": provenance}
         library.save(cfg.save, prompt, meta, extras=extras)

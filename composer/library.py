@@ -40,7 +40,7 @@ PROMPT_FILE = "prompt.safetensors"
 META_FILE = "prompt.json"
 PROMPT_KEY = "prompt_embeddings"
 KNOWN_KEYS = {"name", "task", "backbone", "family", "hidden_size", "length", "head", "metrics", "config",
-              "provenance", "version", "created", "extras", "kind", "prefix_shape"}
+              "provenance", "version", "created", "extras", "kind", "prefix_shape", "prefix_heads"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]{0,127}$")
 
 

@@ -147,6 +147,8 @@ def export_peft(library: Library, name: str, out_dir: str | Path, base_model_nam
     """
     entry = library.load(name)
     meta = entry.meta
+    if meta.get("kind") == "prefix" and not is_attention_composer(entry):
+        return _export_prefix(entry, out_dir, base_model_name_or_path, overwrite)
     if is_attention_composer(entry):
         raise LibraryError(f"prompt '{name}' is an attention composer (per-example prompts); distill it first: "
                            f"prompt-composer compose ... --distill")
@@ -154,12 +156,7 @@ def export_peft(library: Library, name: str, out_dir: str | Path, base_model_nam
     if family not in TASK_TYPE:
         raise LibraryError(f"prompt '{name}' has family {family!r} in {META_FILE}; a PEFT adapter needs one of "
                            f"{', '.join(TASK_TYPE)} (set \"family\" in {entry.path / META_FILE})")
-    out = Path(out_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise LibraryError(f"cannot export prompt '{name}' to {out}: it is a file; give a folder path")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise LibraryError(f"cannot export prompt '{name}': {out} exists and is not empty; "
-                           f"give a new folder or pass overwrite (--force)")
+    out = _check_out(name, out_dir, overwrite)
     for stem, why in (("head", "its linear head weights are not part of a PEFT prompt-tuning adapter"),
                       ("backbone", "it was tuned jointly and the backbone weights it needs are not exported")):
         if stem in (meta.get("extras") or []):
@@ -172,14 +169,79 @@ def export_peft(library: Library, name: str, out_dir: str | Path, base_model_nam
         if p.is_dir():
             folder = p
     config = adapter_config(entry.prompt, family, base, **_shape_fields(folder))
-    sidecar = {k: meta.get(k) for k in ("name", "task", "backbone", "family", "head", "hidden_size", "length",
-                                        "metrics", "provenance", "version")}
+    _write_adapter(out, entry.prompt, config, _sidecar(meta))
+    log.info("exported prompt '%s' [%d, %d] as a PEFT %s prompt-tuning adapter to %s",
+             name, *entry.prompt.shape, config["task_type"], out)
+    return out
 
+
+def _check_out(name: str, out_dir, overwrite: bool) -> Path:
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise LibraryError(f"cannot export prompt '{name}' to {out}: it is a file; give a folder path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise LibraryError(f"cannot export prompt '{name}': {out} exists and is not empty; "
+                           f"give a new folder or pass overwrite (--force)")
+    return out
+
+
+def _sidecar(meta: dict) -> dict:
+    return {k: meta.get(k) for k in ("name", "task", "backbone", "family", "head", "hidden_size", "length",
+                                     "kind", "metrics", "provenance", "version")}
+
+
+def _export_prefix(entry: Entry, out_dir, base_model_name_or_path: str | None, overwrite: bool) -> Path:
+    """An [L, 2, P, D] prefix as a PEFT PrefixTuning adapter: prompt_embeddings [P, L*2*D] in PEFT's layout
+    (virtual token p's row holds layer 0's key, layer 0's value, layer 1's key, ...), identical logits on
+    encoders and decoders. Encoder-decoders are refused: PEFT 0.21 feeds decoder layer l the rows of layer
+    (2l mod L) of its table, so a prefix whose layers all differ has no PEFT table that gives it back."""
+    meta, prefix = entry.meta, entry.prompt
+    family = meta.get("family")
+    if family not in ("encoder", "decoder"):
+        raise LibraryError(f"prefix '{entry.name}' is for a {family}; PEFT's PrefixTuning layout on encoder-decoders "
+                           "repeats some layers' rows for others, so only encoder and decoder prefixes export")
+    out = _check_out(entry.name, out_dir, overwrite)
+    L, _, P, D = prefix.shape
+    heads = meta.get("prefix_heads") or (meta.get("provenance") or {}).get("kv_heads")
+    base, folder = _base_model(meta.get("backbone"))
+    if base_model_name_or_path is not None:
+        base, folder = base_model_name_or_path, (Path(base_model_name_or_path).expanduser()
+                                                 if Path(base_model_name_or_path).expanduser().is_dir() else None)
+    if heads is None:
+        heads = _kv_heads(folder) or _shape_fields(folder).get("num_attention_heads")
+    if heads is None:
+        raise LibraryError(f"prefix '{entry.name}': the backbone's key/value head count is unknown (no config.json "
+                           f"at {folder}); pass --base-model with the backbone's local folder")
+    config = {
+        "auto_mapping": None, "base_model_name_or_path": base, "encoder_hidden_size": int(D),
+        "inference_mode": True, "modules_to_save": None, "num_attention_heads": int(heads), "num_layers": int(L),
+        "num_transformer_submodules": 1, "num_virtual_tokens": int(P), "peft_type": "PREFIX_TUNING",
+        "peft_version": _peft_version(), "prefix_projection": False, "revision": None,
+        "task_type": TASK_TYPE[family], "token_dim": int(D),
+    }
+    table = prefix.permute(2, 0, 1, 3).reshape(P, L * 2 * D)  # [P, L*2*D]
+    _write_adapter(out, table, config, _sidecar(meta))
+    log.info("exported prefix '%s' %s as a PEFT %s PrefixTuning adapter to %s", entry.name, list(prefix.shape),
+             config["task_type"], out)
+    return out
+
+
+def _kv_heads(folder: Path | None) -> int | None:
+    try:
+        cfg = json.loads((folder / "config.json").read_text()) if folder else {}
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    v = cfg.get("num_key_value_heads") if isinstance(cfg, dict) else None
+    return v if isinstance(v, int) else None
+
+
+def _write_adapter(out: Path, table: torch.Tensor, config: dict, sidecar: dict) -> None:
+    """adapter_config.json + adapter_model.safetensors (+ our sidecar), written whole or not at all."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        save_file({PEFT_KEY: entry.prompt.detach().to("cpu", torch.float32).contiguous()}, str(tmp / WEIGHTS_FILE),
+        save_file({PEFT_KEY: table.detach().to("cpu", torch.float32).contiguous()}, str(tmp / WEIGHTS_FILE),
                   metadata={"format": "pt"})  # PEFT / transformers check this metadata key
         atomic_write_text(tmp / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
         atomic_write_text(tmp / SIDECAR_FILE, json.dumps(sidecar, indent=2, sort_keys=True, default=str) + "\n")
@@ -189,9 +251,6 @@ def export_peft(library: Library, name: str, out_dir: str | Path, base_model_nam
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    log.info("exported prompt '%s' [%d, %d] as a PEFT %s prompt-tuning adapter to %s",
-             name, *entry.prompt.shape, config["task_type"], out)
-    return out
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -222,9 +281,9 @@ def import_peft(library: Library, adapter_dir: str | Path, name: str, backbone_n
                            f"(give the folder PeftModel.save_pretrained wrote)")
     cfg = _read_json(cfg_path, "a PEFT adapter config")
     peft_type = str(cfg.get("peft_type"))
-    if peft_type != "PROMPT_TUNING":
+    if peft_type not in ("PROMPT_TUNING", "PREFIX_TUNING"):
         raise LibraryError(f"the adapter in {src} is a {peft_type} adapter; only PROMPT_TUNING (soft prompt) "
-                           f"adapters can be imported into the prompt library")
+                           f"and PREFIX_TUNING adapters can be imported into the prompt library")
     weights = src / WEIGHTS_FILE
     if not weights.exists():
         pickled = " (it has adapter_model.bin, a pickle we do not load: re-save it with " \
@@ -237,6 +296,8 @@ def import_peft(library: Library, adapter_dir: str | Path, name: str, backbone_n
     if PEFT_KEY not in tensors:
         raise LibraryError(f"{weights} has no '{PEFT_KEY}' tensor (keys: {sorted(tensors)})")
     table = tensors[PEFT_KEY]  # [S * P, H]
+    if peft_type == "PREFIX_TUNING":
+        return _import_prefix(library, src, cfg, table, name, backbone_name, task, overwrite)
 
     task_type = cfg.get("task_type")
     P = cfg.get("num_virtual_tokens")
@@ -280,3 +341,42 @@ def import_peft(library: Library, adapter_dir: str | Path, name: str, backbone_n
     library.save(name, prompt, meta, overwrite=overwrite)
     log.info("imported PEFT adapter %s as prompt '%s' [%d, %d]", src, name, *prompt.shape)
     return library.load(name)
+
+
+def _import_prefix(library: Library, src: Path, cfg: dict, table: torch.Tensor, name: str,
+                   backbone_name: str | None, task: str | None, overwrite: bool) -> Entry:
+    """A PEFT PrefixTuning table [P, L*2*D] -> our prefix [L, 2, P, D]. For SEQ_2_SEQ_LM adapters, decoder
+    layer l gets what PEFT 0.21 feeds it: the key/value rows of table layer (2l mod L)."""
+    P, L, D = cfg.get("num_virtual_tokens"), cfg.get("num_layers"), cfg.get("token_dim")
+    if not all(isinstance(x, int) and x > 0 for x in (P, L, D)) or tuple(table.shape) != (P, L * 2 * D):
+        raise LibraryError(f"{src}: a PrefixTuning table must be [num_virtual_tokens, num_layers * 2 * token_dim] = "
+                           f"[{P}, {L} * 2 * {D}], got {tuple(table.shape)}")
+    rows = table.float().view(P, 2 * L, D)
+    task_type = str(cfg.get("task_type"))
+    idx = [(4 * i) % (2 * L) for i in range(L)] if task_type == "SEQ_2_SEQ_LM" else [2 * i for i in range(L)]
+    prefix = torch.stack([rows[:, [i, i + 1]] for i in idx]).permute(0, 2, 1, 3).contiguous()  # [L, 2, P, D]
+    ours = _read_json(src / SIDECAR_FILE, "our export sidecar") if (src / SIDECAR_FILE).exists() else {}
+    backbone = backbone_name or ours.get("backbone") or cfg.get("base_model_name_or_path")
+    if not backbone:
+        raise LibraryError(f"the adapter in {src} does not name its base model (base_model_name_or_path is null); "
+                           f"say which backbone it belongs to (--backbone)")
+    _, folder = _base_model(backbone)
+    hidden = ours.get("hidden_size") or (_hidden_size(folder) if folder else None) or D
+    meta = {"task": task or ours.get("task"), "backbone": backbone, "family": FAMILY.get(task_type, "encoder"),
+            "hidden_size": int(hidden), "kind": "prefix", "head": ours.get("head"),
+            "metrics": ours.get("metrics") or {},
+            "provenance": {"imported_from": str(src), "peft_type": "PREFIX_TUNING",
+                           "peft_version": cfg.get("peft_version"), "task_type": task_type,
+                           "kv_heads": cfg.get("num_attention_heads")}}
+    library.save(name, prefix, meta, overwrite=overwrite)
+    log.info("imported PEFT PrefixTuning adapter %s as prefix '%s' %s", src, name, list(prefix.shape))
+    return library.load(name)
+
+
+def _hidden_size(folder: Path) -> int | None:
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    v = cfg.get("hidden_size") or cfg.get("d_model") if isinstance(cfg, dict) else None
+    return v if isinstance(v, int) else None

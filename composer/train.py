@@ -192,4 +192,6 @@ def save_to_library(library: Library, name: str, pm, prep: Prepared, cfg, result
     meta = {"task": prep.spec.name, "backbone": prep.backbone.name, "family": prep.backbone.family,
             "hidden_size": prep.backbone.hidden_size, "kind": pm.kind, "head": pm.head.kind, "metrics": {k: result[k] for k in ("dev", "test") if k in result},
             "config": cfg.to_dict(), "provenance": prep.provenance}
+    if pm.kind == "prefix":
+        meta["prefix_heads"] = pm.geometry.kv_heads  # what a PEFT PrefixTuning export needs to say
     return library.save(name, static, meta, extras=extras)

@@ -233,3 +233,50 @@ def test_prompts_and_prefixes_do_not_mix_in_a_composition(prefix_graph):
                                              "family": "encoder"})
     with pytest.raises(ComposeError, match="differ in kind: .*pos-p=prefix.*other-p=prompt"):
         compose(ComposeConfig(graph=str(g), target="toy", shots=4, strategy="average"), library=lib, backbone=bb)
+
+
+# -- PEFT interop -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["encoder", "decoder"])
+def test_export_loads_in_peft_prefix_tuning_with_identical_outputs_and_imports_back(tokenizer, tmp_path, family):
+    from peft import PeftModel
+
+    from composer.peft_io import export_peft, import_peft
+
+    net = tiny_model(family).eval()
+    net.save_pretrained(tmp_path / "base")
+    bb = wrap(net, tokenizer, name=str(tmp_path / "base"), family=family)
+    prefix, _ = init_prompt("random", 3, bb, SPEC, seed=4, kind="prefix")
+    lib = Library()
+    geo = geometry(net, family)
+    lib.save("p", prefix, {"task": "t", "backbone": str(tmp_path / "base"), "family": family, "hidden_size": 32,
+                           "kind": "prefix", "prefix_heads": geo.kv_heads})
+    out = export_peft(lib, "p", tmp_path / "adapter")
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "PREFIX_TUNING"
+    peft_model = PeftModel.from_pretrained(tiny_model(family).eval(), out).eval()
+    peft_model.base_model.load_state_dict(net.state_dict())  # the same weights as ours
+    pm = build_model(bb, SPEC, prefix, head=HEAD[family]).eval()
+    with torch.no_grad(), pm.using_prefix(prefix.unsqueeze(0).expand(2, *prefix.shape)):
+        if family == "encoder":
+            ref, got = peft_model(input_ids=IDS, attention_mask=MASK).last_hidden_state, pm.hidden(pm.embed(IDS), MASK)
+        else:
+            kw, m = pm._with_prefix(2, MASK)
+            ref, got = peft_model(input_ids=IDS, attention_mask=MASK).logits, net(input_ids=IDS, attention_mask=m, **kw).logits
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    back = import_peft(lib, out, "p2")
+    assert back.meta["kind"] == "prefix" and torch.equal(back.prompt, prefix)
+
+
+def test_an_encoder_decoder_prefix_does_not_export_and_other_adapters_are_refused(tokenizer, tmp_path):
+    from composer.peft_io import export_peft, import_peft
+
+    bb = wrap(tiny_model("encoder-decoder"), tokenizer, name="tiny-t5", family="encoder-decoder")
+    prefix, _ = init_prompt("random", 2, bb, SPEC, seed=0, kind="prefix")
+    lib = Library()
+    lib.save("s", prefix, {"task": "t", "backbone": "tiny-t5", "family": "encoder-decoder", "hidden_size": 32,
+                           "kind": "prefix"})
+    with pytest.raises(LibraryError, match="only encoder and decoder prefixes export"):
+        export_peft(lib, "s", tmp_path / "x")
+    (tmp_path / "lora").mkdir()
+    (tmp_path / "lora" / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    with pytest.raises(LibraryError, match="is a LORA adapter; only PROMPT_TUNING .* and PREFIX_TUNING"):
+        import_peft(lib, tmp_path / "lora", "l")
