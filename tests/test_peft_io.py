@@ -160,7 +160,7 @@ def test_import_real_seq2seq_adapter_keeps_encoder_side(tmp_path, lib):
 def test_import_refuses_lora(tmp_path, lib):
     cfg = peft.LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj", "v_proj"])
     peft.get_peft_model(tiny_model("decoder"), cfg).save_pretrained(tmp_path / "lora")
-    with pytest.raises(LibraryError, match=r"is a LORA adapter; only PROMPT_TUNING \(soft prompt\) adapters") as e:
+    with pytest.raises(LibraryError, match=r"is a LORA adapter; only PROMPT_TUNING \(soft prompt\) and PREFIX_TUNING adapters") as e:
         import_peft(lib, tmp_path / "lora", "x")
     assert "\n" not in str(e.value)
     assert not lib.exists("x")
