@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, Protocol
 
 import networkx as nx
@@ -173,6 +173,7 @@ def validate(
     G: nx.MultiDiGraph,
     library: PromptLibrary | None = None,
     task_exists: Callable[[str], bool] | None = None,
+    untrained_ok: Collection[str] = (),
 ) -> list[str]:
     """Every fault of G, one line each ([] when it is sound).
 
@@ -180,7 +181,9 @@ def validate(
     roles, unknown task specs (``task_exists(name) -> bool``), cycles in part_of,
     weights that are not finite numbers, similar edges with an unknown metric, and with
     a ``library`` (``.exists(name)``, ``.meta(name)``): prompts missing from it, and
-    prompts of different hidden size or backbone on one graph.
+    prompts of different hidden size or backbone on one graph. A node whose role is in
+    ``untrained_ok`` (e.g. ``("target",)``: its prompt is what gets composed) may name a
+    prompt the library does not have yet; one it has is still checked.
     """
     faults: list[str] = []
     for n, d in G.nodes(data=True):
@@ -226,7 +229,12 @@ def validate(
         else:
             faults.append(f"edge {u} -> {v}: unknown relation {relation!r} (part_of or similar)")
     if library is not None:
-        faults += _prompt_faults(G, library)
+        untrained = [
+            n
+            for n, d in G.nodes(data=True)
+            if d.get("role") in untrained_ok and d.get("prompt") and not library.exists(d["prompt"])
+        ]
+        faults += _prompt_faults(G.subgraph(set(G) - set(untrained)) if untrained else G, library)
     return faults
 
 

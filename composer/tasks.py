@@ -214,7 +214,8 @@ class TaskSpec:
         """Build from a parsed YAML mapping; unknown keys warn, missing required ones raise."""
         where = f" in {path}" if path else ""
         name = d.get("name") or (Path(path).stem if path else None)
-        required = [k for k in REQUIRED if not (k == "labels" and d.get("type") == "generation")]
+        classification = d.get("type") in (None, "classification")  # an unknown type is validate()'s to report
+        required = [k for k in REQUIRED if k != "labels" or classification]
         for key in ("name", *required):
             if (d.get(key) if key != "name" else name) in (None, "", [], {}):
                 raise TaskError(

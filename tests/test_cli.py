@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -134,7 +137,7 @@ def test_resume_alone_goes_on_with_the_runs_own_settings(tmp_path, monkeypatch):
     monkeypatch.setattr(T, "train", lambda cfg, **kw: seen.update(single=cfg, **kw) or {})
     mt = tmp_path / "mt"
     mt.mkdir()
-    mcfg = M.MultiTaskConfig(tasks="a,b", steps=7, temperature=2.0, run_dir=str(mt))
+    mcfg = M.MultiTaskConfig(tasks="a,b", steps=7, sampling_temperature=2.0, run_dir=str(mt))
     (mt / "config.json").write_text(json.dumps(mcfg.to_dict()))
     run("train", "--resume", mt, "--json")
     assert seen["multi"] == mcfg and seen["resume"] == str(mt)
@@ -167,3 +170,42 @@ def test_eval_runs_where_device_says(toy_task, tiny_bert_dir):
     assert r["n"] > 0 and 0 <= r["score"] <= 1
     err = one_line_error(run("eval", "p32", "--task", toy_task, "--model", tiny_bert_dir, "--device", "tpu", ok=False))
     assert "bad --device 'tpu': use auto, cpu, cuda or cuda:N" in err
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _python(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, check=False)
+
+
+def test_entry_points_are_one_app():
+    """The root cli.py (checkout, torchrun -m cli) re-exports the package's app; the script runs composer.cli."""
+    import cli as root_cli
+    import composer.cli
+
+    assert root_cli.cli is composer.cli.cli and root_cli.main is composer.cli.main
+    import tomllib
+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert meta["project"]["scripts"]["prompt-composer"] == "composer.cli:main"
+    assert "py-modules" not in meta["tool"]["setuptools"]  # no top-level `cli` in site-packages
+
+
+@pytest.mark.parametrize("entry", [["-m", "composer"], ["cli.py"], ["-m", "cli"]])
+def test_entry_points_run(entry):
+    r = _python(*entry, "train", "--help")
+    assert r.returncode == 0, r.stderr
+    assert "--prompt-lr" in r.stdout and "--multitask default: 1000" in r.stdout
+
+
+def test_help_does_not_import_torch():
+    """--help is fast: the config module is stdlib-only and the commands import the library lazily."""
+    code = ("import sys\nfrom composer.cli import cli\n"
+            "for args in (['--help'], ['train', '--help'], ['compose', '--help'], ['demo', '--help'], "
+            "['graph', 'validate', '--help']):\n"
+            "    try:\n        cli(args)\n    except SystemExit as e:\n        assert e.code == 0, args\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'accelerate', 'datasets') if m in sys.modules))")
+    r = _python("-c", code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[]"

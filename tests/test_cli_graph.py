@@ -119,3 +119,86 @@ similar:
     assert len(lines) >= 4
     text = r.stderr
     assert "ghost" in text and "no-such-task" in text and "gone" in text and "finite" in text
+
+
+def _untrained_graph(tmp_path, subtask_prompt="a-p"):
+    y = tmp_path / "untrained.yaml"
+    y.write_text(f"""name: untrained
+nodes:
+  - {{name: a, role: subtask, task: toy, prompt: {subtask_prompt}}}
+  - {{name: c, role: source, task: toy, prompt: c-p}}
+  - {{name: toy, role: target, task: toy, prompt: toy-composed}}
+decomposition:
+  toy: [a]
+""")
+    return y
+
+
+def test_validate_notes_target_prompts_not_trained_yet(lib_graph, tmp_path):
+    """A target's prompt missing from the library is the normal state before composing: one line, exit 0."""
+    y = _untrained_graph(tmp_path)
+    r = run("graph", "validate", y)
+    out = r.stdout.strip()
+    assert "\n" not in out and r.stderr.strip() == ""
+    assert out.startswith("graph untrained: ok (3 nodes, 1 edges)")
+    assert "1 target prompt(s) not trained yet: toy-composed" in out and "--strict" in out
+    d = json.loads(run("graph", "validate", y, "--json").stdout)
+    assert d["ok"] is True and d["faults"] == [] and d["untrained"] == ["toy-composed"]
+
+
+def test_validate_strict_fails_on_untrained_targets(lib_graph, tmp_path):
+    y = _untrained_graph(tmp_path)
+    r = run("graph", "validate", y, "--strict", ok=False)
+    assert r.exit_code == 1
+    assert r.stderr.strip() == ("node 'toy': prompt 'toy-composed' is not in the library (train it, or fix the "
+                                "name)")
+    d = json.loads(run("graph", "validate", y, "--strict", "--json", ok=False).stdout)
+    assert d["ok"] is False and d["untrained"] == [] and len(d["faults"]) == 1
+
+
+def test_validate_missing_subtask_prompt_stays_a_fault(lib_graph, tmp_path):
+    y = _untrained_graph(tmp_path, subtask_prompt="never-trained")
+    r = run("graph", "validate", y, ok=False)
+    assert r.exit_code == 1
+    lines = r.stderr.strip().splitlines()
+    assert lines[0] == "node 'a': prompt 'never-trained' is not in the library (train it, or fix the name)"
+    assert lines[1].startswith("1 target prompt(s) not trained yet: toy-composed") and len(lines) == 2
+
+
+def test_validate_checks_a_target_prompt_that_exists(lib_graph, tmp_path, tiny_bert_dir):
+    """Leniency is for prompts not trained yet: a target's prompt that is there is still checked."""
+    lib, _ = lib_graph
+    lib.save("wide-t", torch.zeros(4, 48), {"task": "toy", "backbone": str(tiny_bert_dir), "family": "encoder"})
+    y = tmp_path / "wide.yaml"
+    y.write_text("""name: wide
+nodes:
+  - {name: a, role: subtask, task: toy, prompt: a-p}
+  - {name: toy, role: target, task: toy, prompt: wide-t}
+decomposition:
+  toy: [a]
+""")
+    r = run("graph", "validate", y, ok=False)
+    assert r.exit_code == 1 and "prompts of different hidden sizes on one graph" in r.stderr
+
+
+def test_validate_untrained_ok_in_the_library():
+    """composer.graph.validate(untrained_ok=roles): those roles' prompts may be absent; others may not."""
+    import networkx as nx
+
+    from composer import graph as cg
+
+    class Lib:
+        def exists(self, name):
+            return name == "have"
+
+        def meta(self, name):
+            return {"hidden_size": 8, "backbone": "m"}
+
+    G = nx.MultiDiGraph(name="g")
+    G.add_node("s", role="subtask", task="s", prompt="have")
+    G.add_node("u", role="source", task="u", prompt="gone")
+    G.add_node("t", role="target", task="t", prompt="later")
+    G.add_edge("s", "t", key="part_of", relation="part_of")
+    strict = cg.validate(G, library=Lib())
+    assert [f.split(":")[0] for f in strict] == ["node 'u'", "node 't'"]
+    assert cg.validate(G, library=Lib(), untrained_ok=("target",)) == [strict[0]]

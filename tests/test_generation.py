@@ -166,3 +166,29 @@ def test_multitask_mixes_generation_and_classification_rows(copy_task, toy_task,
     r = train_multitask(cfg, progress=False)
     assert set(r["per_task"]) == {"copy", "toy"}
     assert r["per_task"]["copy"]["metric"] == "exact_match" and r["per_task"]["toy"]["metric"] == "accuracy"
+
+
+def test_cli_trains_a_prefix_evaluates_with_predictions_and_generates(copy_task, tiny_llama_dir, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from composer.cli import cli
+
+    run = CliRunner()
+    r = run.invoke(cli, ["train", str(copy_task), "--model", str(tiny_llama_dir), "--kind", "prefix", "--steps", "4",
+                         "--eval-every", "4", "--max-eval", "8", "--prompt-length", "2", "--lr", "0.05",
+                         "--run-dir", str(tmp_path / "r"), "--save", "copy-pre", "--quiet", "--json"])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "gen.jsonl"
+    r = run.invoke(cli, ["eval", "copy-pre", "--task", str(copy_task), "--split", "test", "--predictions", str(out),
+                         "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["metric"] == "exact_match" and set(res["metrics"]) == {"exact_match", "token_f1"}
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(lines) == res["n"] == 16 and {"prediction", "references"} <= set(lines[0])
+    r = run.invoke(cli, ["generate", "copy-pre", "--task", str(copy_task), "--input", "red", "--input", "blue", "--max-new-tokens", "3",
+                         "--json"])
+    assert r.exit_code == 0, r.output
+    assert len(json.loads(r.stdout)["generations"]) == 2

@@ -53,7 +53,10 @@ def test_every_task_file_validates(path):
         pytest.skip("composer.suite is not written yet")
     s = load_task(path)
     assert s.name == path.stem
-    assert len(s.label_words) == len(s.labels) == len(s.label_descriptions) == s.num_labels
+    if s.is_generation:
+        assert s.target_fields and not s.labels and s.label_words is None and s.metric == s.metric_names[0]
+    else:
+        assert len(s.label_words) == len(s.labels) == len(s.label_descriptions) == s.num_labels
     assert s.split_names()
     if raw.get("data", {}).get("source") == "files":
         assert all(not Path(T.split_config(s, sp)["path"]).is_absolute() for sp in s.data["splits"])
@@ -392,7 +395,8 @@ def test_unknown_keys_warn(caplog):
 
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real data not found at {DATA} (../shared/data)")
 REAL = [p.stem for p in TASK_FILES if p.stem not in BUILTIN
-        and yaml.safe_load(p.read_text()).get("data", {}).get("source") == "files"]
+        and yaml.safe_load(p.read_text()).get("data", {}).get("source") == "files"
+        and yaml.safe_load(p.read_text()).get("type") != "generation"]  # tests/test_dialogue.py loads those
 
 
 @pytest.fixture(scope="module")
@@ -474,3 +478,170 @@ def test_real_k_shot_sample(loaded):
     s = load_task("sst2-fs")
     ds = load_splits(s, DATA, splits=["train"], k_shot=8, seed=13)["train"]
     assert np.bincount(ds["label"]).tolist() == [8, 8]
+
+
+# ----------------------------------------------------------------------------- generation tasks
+
+def gen_spec(**over) -> TaskSpec:
+    """A small valid generation task over a tmp jsonl file; keyword arguments replace fields."""
+    d = {"name": "gen", "type": "generation",
+         "data": {"source": "files", "format": "jsonl", "splits": {"train": "train.jsonl"}},
+         "inputs": ["question"], "template": "Q: {question} A:", "target": " {answer}", "metric": "exact_match"}
+    d.update(over)
+    return TaskSpec.from_dict(d)
+
+
+def write_qa(path: Path, n: int, **extra) -> Path:
+    rows = [{"question": f"q{i}", "answer": f"a{i}", **{k: v(i) for k, v in extra.items()}} for i in range(n)]
+    return write(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_generation_spec_fields_and_defaults():
+    s = gen_spec(metrics=["token_f1", "exact_match"], stop="\n")
+    assert s.is_generation and not s.is_regression and s.target_fields == ["answer"]
+    assert s.labels == [] and s.num_labels == 0 and s.label_words is None and s.label_field is None
+    assert s.metric == "exact_match" and s.metrics == ["exact_match", "token_f1"]  # the main one first
+    assert s.metric_names == ["exact_match", "token_f1"] and s.stop == ["\n"] and s.max_target_length == 64
+    assert s.render({"question": "why"}) == "Q: why A:" and s.render_target({"answer": "because"}) == " because"
+    assert s.render_references({"answer": "x"}) == [" x"]
+    r = gen_spec(references="answers")
+    assert r.render_references({"answer": "x", "answers": ["x", "y"]}) == ["x", "y"]
+    only = gen_spec(metric=None, metrics=["rouge_l", "bleu"])
+    assert only.metric == "rouge_l"
+    c = spec()
+    assert not c.is_generation and c.type == "classification" and c.metric_names == ["accuracy"]
+    with pytest.raises(TaskError, match="task toy is a classification task and has no target") as e:
+        c.render_target({"text": "x"})
+    one_line(e)
+
+
+def test_generation_round_trip(tmp_path):
+    s = gen_spec(name="gen", metrics=["exact_match", "token_f1"], stop=["\n"], references="answers",
+                 few_shot={"k": 4, "seed": 1})
+    p = write(tmp_path / "gen.yaml", yaml.safe_dump(s.to_dict()))
+    assert load_task(p) == s
+    c = load_task("sst2")
+    assert c.to_dict()["type"] == "classification"
+    q = write(tmp_path / "sst2.yaml", yaml.safe_dump(c.to_dict()))
+    assert load_task(q) == c
+
+
+def test_generation_needs_no_labels(tmp_path):
+    p = write(tmp_path / "g.yaml", "name: g\ntype: generation\ndata: {splits: {train: a.jsonl}, format: jsonl}\n"
+                                   "inputs: [question]\ntarget: '{answer}'\nmetric: exact_match\n")
+    assert load_task(p).labels == []
+
+
+@pytest.mark.parametrize(
+    "over, match",
+    [
+        ({"labels": ["0", "1"]}, "field 'labels' does not apply to a generation task; remove it"),
+        ({"label_words": [" a"]}, "field 'label_words' does not apply to a generation task"),
+        ({"label_descriptions": ["a"]}, "field 'label_descriptions' does not apply"),
+        ({"label_field": "label"}, "field 'label_field' does not apply"),
+        ({"head": "verbalizer"}, "field 'head' does not apply to a generation task"),
+        ({"regression": {"field": "s", "bins": [1]}}, "field 'regression' does not apply"),
+        ({"target": None}, "field 'target' is missing for a generation task"),
+        ({"target": 3}, "field 'target' is 3"),
+        ({"target": "constant"}, "field 'target' is 'constant', which uses no data field"),
+        ({"target": "{answer!r}"}, "field 'target' has a conversion"),
+        ({"target": "{answer"}, "field 'target' cannot be parsed"),
+        ({"metric": "accuracy"}, "field 'metric' has accuracy, a classification metric, but the task is a generation"),
+        ({"metric": "meteor"}, "field 'metric' is unknown \\('meteor'\\); choose one of exact_match"),
+        ({"metric": None}, "field 'metric' is missing for a generation task"),
+        ({"metrics": ["token_f1", "f1"]}, "field 'metrics' has f1, a classification metric"),
+        ({"metrics": ["token_f1"]}, "field 'metrics' is \\['token_f1'\\] and lacks the main metric 'exact_match'"),
+        ({"metrics": ["exact_match", "exact_match"]}, "field 'metrics' repeats"),
+        ({"max_target_length": 0}, "field 'max_target_length' is 0; give a positive number"),
+        ({"stop": [""]}, "field 'stop' is \\[''\\]"),
+        ({"references": "a b"}, "field 'references' is 'a b'"),
+        ({"type": "ranking"}, "field 'type' is unknown \\('ranking'\\); choose one of classification, generation"),
+        ({"data": {"format": "woz", "options": {"view": "acts"}, "splits": {"train": "a.json"}}},
+         "field 'data.options' view is 'acts'; choose one of state, response"),
+        ({"data": {"format": "woz", "options": {"colour": 1}, "splits": {"train": "a.json"}}},
+         "field 'data.options' has 'colour', which format woz does not take"),
+        ({"data": {"format": "woz", "options": {"history": 0}, "splits": {"train": "a.json"}}},
+         "history is 0"),
+        ({"data": {"format": "squad", "options": {"part": [0.5, 0.2]}, "splits": {"train": "a.json"}}},
+         "part is \\[0.5, 0.2\\]"),
+        ({"data": {"format": "jsonl", "options": {"view": "state"}, "splits": {"train": "a.jsonl"}}},
+         "field 'data.options' is given for format jsonl"),
+    ],
+)
+def test_bad_generation_fields(over, match):
+    with pytest.raises(TaskError, match=match) as e:
+        gen_spec(**over)
+    assert one_line(e).startswith("task gen: field '")
+
+
+@pytest.mark.parametrize(
+    "over, match",
+    [
+        ({"metric": "bleu"}, "field 'metric' is bleu, a generation metric, but the task is a classification task"),
+        ({"target": "{text}"}, "field 'target' applies to generation tasks only; add `type: generation`"),
+        ({"metrics": ["accuracy"]}, "field 'metrics' applies to generation tasks only"),
+        ({"stop": ["\n"]}, "field 'stop' applies to generation tasks only"),
+    ],
+)
+def test_generation_fields_on_a_classification_task(over, match):
+    with pytest.raises(TaskError, match=match) as e:
+        spec(**over)
+    one_line(e)
+
+
+def test_generation_load_splits_columns(tmp_path):
+    write_qa(tmp_path / "train.jsonl", 5, answers=lambda i: [f"a{i}", f"b{i}"], extra=lambda i: "x")
+    ds = load_splits(gen_spec(references="answers"), tmp_path)["train"]
+    assert ds.column_names == ["question", "answer", "answers"]  # inputs, target fields, references; no label
+    assert ds["answer"][:2] == ["a0", "a1"] and ds["answers"][1] == ["a1", "b1"]
+    # a field used by both template and target is one column
+    same = gen_spec(inputs=["answer"], template="{answer}", target=" {answer}")
+    assert load_splits(same, tmp_path)["train"].column_names == ["answer"]
+
+
+def test_generation_k_shot_is_k_rows_seeded(tmp_path):
+    write_qa(tmp_path / "train.jsonl", 50)
+    s = gen_spec()
+    a = load_splits(s, tmp_path, k_shot=8, seed=13)["train"]
+    assert len(a) == 8 and a["question"] == load_splits(s, tmp_path, k_shot=8, seed=13)["train"]["question"]
+    assert a["question"] != load_splits(s, tmp_path, k_shot=8, seed=14)["train"]["question"]
+    order = [int(q[1:]) for q in a["question"]]
+    assert order == sorted(order)  # kept in file order
+    assert len(load_splits(gen_spec(few_shot={"k": 3, "seed": 0}), tmp_path)["train"]) == 3
+    with pytest.raises(TaskError, match="k-shot k=51 exceeds the 50 rows of split 'train' of task gen") as e:
+        load_splits(s, tmp_path, k_shot=51)
+    assert "at most 50" in one_line(e)
+
+
+def test_generation_rows_lacking_target_or_empty(tmp_path):
+    write(tmp_path / "train.jsonl", '{"question": "q", "reply": "r"}\n')
+    with pytest.raises(TaskError, match="row 1 of .*train.jsonl \\(split 'train'\\) has no target field 'answer'") as e:
+        load_splits(gen_spec(), tmp_path)
+    one_line(e)
+    write(tmp_path / "train.jsonl", '{"question": "q", "answer": "a"}\n{"question": "q", "answer": "  "}\n')
+    with pytest.raises(TaskError, match="row 2 of .* has an empty target \\(' \\{answer\\}' renders to nothing\\)") as e:
+        load_splits(gen_spec(), tmp_path)
+    one_line(e)
+    write(tmp_path / "train.jsonl", '{"question": "q", "answer": "a", "answers": []}\n')
+    with pytest.raises(TaskError, match="row 1 of .* has an empty reference in 'answers'"):
+        load_splits(gen_spec(references="answers"), tmp_path)
+
+
+def test_carve_train_from_a_dev_only_set(tmp_path):
+    write_qa(tmp_path / "dev.jsonl", 40)
+    s = gen_spec(data={"source": "files", "format": "jsonl", "splits": {"dev": "dev.jsonl"},
+                       "split": {"from": "dev", "train": 0.25, "seed": 0}})
+    assert s.split_names() == ["train", "dev"]
+    ds = load_splits(s, tmp_path)
+    assert [len(ds[k]) for k in ("train", "dev")] == [10, 30]
+    assert not set(ds["train"]["question"]) & set(ds["dev"]["question"])
+    with pytest.raises(TaskError, match="field 'data.split'"):
+        gen_spec(data={"source": "files", "format": "jsonl", "splits": {"dev": "dev.jsonl"},
+                       "split": {"from": "dev", "dev": 0.2}})
+
+
+def test_check_task_generation_summary(tmp_path):
+    write_qa(tmp_path / "train.jsonl", 3, answers=lambda i: ["x"] * (i + 1))
+    r = check_task(gen_spec(references="answers", metrics=["exact_match", "token_f1"]), tmp_path)
+    assert r["type"] == "generation" and r["metrics"] == ["exact_match", "token_f1"] and "num_labels" not in r
+    assert r["splits"]["train"] == {"rows": 3, "target_words": {"min": 1, "mean": 1.0, "max": 1}, "references": 2.0}
