@@ -13,7 +13,6 @@ Strategies (math in composer/mixing.py and composer/attention.py):
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +33,6 @@ from composer.runstate import BatchPlan, progress_bar
 from composer.taskdata import load_splits
 from composer.tasks import load_task
 
-log = logging.getLogger(__name__)
 
 __all__ = ["STRATEGIES", "ComposeConfig", "Candidate", "candidates", "compose", "write_weights"]
 
@@ -204,9 +202,6 @@ def compose(cfg: ComposeConfig, library: Library | None = None, backbone: Backbo
             prompt = to_model(mixing.combine(torch.as_tensor(res.weights, dtype=torch.float32), stack).detach())
             weights = [float(x) for x in res.weights]
             result["optimizer"] = {k: v for k, v in res.to_dict().items() if k != "history"}
-            if not res.converged:
-                log.warning("linear weights did not converge (%s); keeping the best found (loss %.4f)",
-                            res.message, res.loss)
         else:  # attention
             comp = AttentionComposer(stack, temperature=cfg.mix_temperature, seed=cfg.seed, input_size=bb.hidden_size)
             pm = build_model(bb, spec, MixtureSource(comp, num_layers=num_layers), seed=cfg.seed)

@@ -247,6 +247,17 @@ class LinearResult:
 _METHODS = {"lbfgs": "L-BFGS-B", "powell": "Powell", "nelder-mead": "Nelder-Mead"}
 
 
+def _not_converged_note(method: str, message: str, n_evals: int, best_obj: float) -> str:
+    """Why the optimizer stopped, and why the weights it returns are still the ones to use."""
+    why = ""
+    if method == "lbfgs" and "ABNORMAL" in message:
+        why = (" (its line search found no lower point along the last direction: the L1 penalty has a kink "
+               "at zero and the loss is measured on a few shots, so this is where L-BFGS-B usually stops)")
+    return (f"linear composition ({method}) stopped before its convergence test held: {message}{why}; "
+            f"the weights kept are the best of its {n_evals} evaluations (objective {best_obj:.6g}), "
+            f"the same rule as when it converges, so they are fine to use")
+
+
 def optimize_linear(
     candidates: Tensor | Sequence[Tensor],
     loss_fn: Callable[[Tensor], Tensor | float],
@@ -362,8 +373,7 @@ def optimize_linear(
             f"(method {method!r}): {message}; check loss_fn on the uniform average"
         )
     if not converged:
-        logger.warning("optimize_linear (%s) did not converge: %s; keeping the best weights "
-                       "seen (objective %.6g)", method, message, state["best_obj"])
+        logger.warning("%s", _not_converged_note(method, message, state["n"], state["best_obj"]))
     return LinearResult(
         weights=state["best_w"],
         loss=state["best_loss"],

@@ -24,8 +24,30 @@ def test_demo_pipeline_writes_report(tiny_bert_dir, tmp_path):
     for png in ("graph.png", "negated-polarity-curves.png", "negated-polarity-attention.png"):
         assert (out / png).stat().st_size > 1000
     assert set(report["sources"]) == {"polarity", "negation", "topic"}
+    # the claim it checks, computed from the arms it reports, and printed under the table
+    c = report["claim"]
+    composed = [a for k, a in arms.items() if k != "random"]
+    assert c["split"] == "test" and c["holds"] == all(a["test"] > arms["random"]["test"] for a in composed)
+    assert len(c["short"]) == sum(not a["test"] > arms["random"]["test"] for a in composed)
+    line = "every composed init beats random on every target (test accuracy): " + ("yes" if c["holds"] else "no (")
+    assert line in md
+    assert report["machine"]["cpu_isa"] and report["machine"]["cpu_isa"] in md
     # a second run reuses the subtask prompts from the library
     r2 = CliRunner().invoke(cli, ["demo", "--model", str(tiny_bert_dir), "--out", str(out), "--source-steps", "2",
                                   "--target-steps", "2", "--k-shot", "4", "--target", "negated-polarity", "--quiet",
                                   "--json"], catch_exceptions=False)
     assert all(s["reused"] for s in json.loads(r2.stdout)["sources"].values())
+
+
+def test_claim_names_the_arms_that_fall_short():
+    from composer.demo import claim, claim_line
+
+    arm = lambda test: {"initial": 0.5, "dev": 0.6, "test": test, "steps_to_random_final": 10}  # noqa: E731
+    report = {"targets": {"a": {"random": arm(0.6), "best": arm(0.7), "linear": arm(0.6)},
+                          "b": {"random": arm(0.8), "best": arm(0.9), "linear": arm(0.85)}}}
+    c = claim(report)
+    assert not c["holds"] and c["short"] == ["a linear 0.600 <= random 0.600"]
+    assert claim_line(c) == ("every composed init beats random on both targets (test accuracy): "
+                             "no (a linear 0.600 <= random 0.600)")
+    report["targets"]["a"]["linear"] = arm(0.61)
+    assert claim_line(claim(report)).endswith("(test accuracy): yes")

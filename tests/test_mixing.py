@@ -307,3 +307,21 @@ def test_optimize_linear_reports_every_evaluation(cands, method):
     bests = [b for _, b in seen]
     assert bests == sorted(bests, reverse=True) and bests[-1] == pytest.approx(res.objective)
     assert bests == pytest.approx(np.minimum.accumulate(res.history).tolist())
+
+
+def test_not_converged_says_the_kept_weights_are_fine(cands, caplog):
+    """A stop before convergence is explained, not reported as a fault: the best weights are kept either way."""
+    target = 0.7 * cands[0] + 0.3 * cands[2]
+    with caplog.at_level("WARNING", logger="composer.mixing"):
+        res = optimize_linear(cands, mse_to(target), method="nelder-mead", max_iter=2)
+    (rec,) = [r for r in caplog.records if r.name == "composer.mixing"]
+    msg = rec.getMessage()
+    assert res.message in msg and f"best of its {res.n_evals} evaluations" in msg and "fine to use" in msg
+
+
+def test_abnormal_line_search_is_explained():
+    from composer.mixing import _not_converged_note
+
+    note = _not_converged_note("lbfgs", "ABNORMAL: ", 12, 0.5)
+    assert "line search" in note and "L1 penalty" in note and "12 evaluations" in note
+    assert "line search" not in _not_converged_note("powell", "Maximum number of iterations", 3, 0.5)
