@@ -423,16 +423,18 @@ def check_arms(bb, arms: dict, ids, mask, labels, P: int, bf16: bool = False) ->
         handle.remove()
         bb.model.train(was_training)
 
-    def close(x, y):
-        if bf16:
-            rel = ((x[1] - y[1]).norm() / y[1].norm().clamp(min=1e-12)).item()
-            return abs(x[0] - y[0]) <= 2e-2 * max(1.0, abs(y[0])) and rel <= 0.1
-        same_loss = abs(x[0] - y[0]) <= 1e-4 * max(1.0, abs(y[0]))
-        return same_loss and torch.allclose(x[1], y[1], rtol=1e-3, atol=1e-6)
-
-    assert close(res["a"], res["c"]), f"(a) and (c) disagree: loss {res['a'][0]} vs {res['c'][0]}"
-    assert close(res["b"], front), f"(b) and (c), prompt in front, disagree: {res['b'][0]} vs {front[0]}"
+    assert _close(bf16, res["a"], res["c"]), f"(a) and (c) disagree: loss {res['a'][0]} vs {res['c'][0]}"
+    assert _close(bf16, res["b"], front), f"(b) and (c), prompt in front, disagree: {res['b'][0]} vs {front[0]}"
     return {"loss_a": res["a"][0], "loss_b": res["b"][0], "loss_c": res["c"][0]}
+
+
+def _close(bf16: bool, x, y) -> bool:
+    """Two arms' (loss, gradient) agree: to float rounding in fp32, to bf16's precision under autocast."""
+    if bf16:
+        rel = ((x[1] - y[1]).norm() / y[1].norm().clamp(min=1e-12)).item()
+        return abs(x[0] - y[0]) <= 2e-2 * max(1.0, abs(y[0])) and rel <= 0.1
+    same_loss = abs(x[0] - y[0]) <= 1e-4 * max(1.0, abs(y[0]))
+    return same_loss and torch.allclose(x[1], y[1], rtol=1e-3, atol=1e-6)
 
 
 def check_prefix_arms(bb, arms: dict, ids, mask, labels, bf16: bool = False) -> dict:
@@ -471,15 +473,8 @@ def check_prefix_arms(bb, arms: dict, ids, mask, labels, bf16: bool = False) -> 
         handle.remove()
         bb.model.train(was_training)
 
-    def close(x, y):
-        if bf16:
-            rel = ((x[1] - y[1]).norm() / y[1].norm().clamp(min=1e-12)).item()
-            return abs(x[0] - y[0]) <= 2e-2 * max(1.0, abs(y[0])) and rel <= 0.1
-        same_loss = abs(x[0] - y[0]) <= 1e-4 * max(1.0, abs(y[0]))
-        return same_loss and torch.allclose(x[1], y[1], rtol=1e-3, atol=1e-6)
-
-    assert close(res["a"], res["c"]), f"(a) and (c) disagree: loss {res['a'][0]} vs {res['c'][0]}"
-    assert close(res["b"], res["c"]), f"(b) and (c) disagree: loss {res['b'][0]} vs {res['c'][0]}"
+    assert _close(bf16, res["a"], res["c"]), f"(a) and (c) disagree: loss {res['a'][0]} vs {res['c'][0]}"
+    assert _close(bf16, res["b"], res["c"]), f"(b) and (c) disagree: loss {res['b'][0]} vs {res['c'][0]}"
     return {"loss_a": res["a"][0], "loss_b": res["b"][0], "loss_c": res["c"][0]}
 
 
