@@ -195,6 +195,16 @@ class App(click.Group):
             if ctx.obj and ctx.obj.get("debug"):
                 raise
             raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+        except (click.exceptions.ClickException, click.exceptions.Abort, click.exceptions.Exit,
+                KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as e:  # the last resort: no path leaks a traceback unless --debug asks for one
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            log.debug("unexpected error", exc_info=True)
+            msg = (str(e).strip().splitlines() or [""])[0]
+            raise click.ClickException(f"{type(e).__name__}: {msg} (run with --debug for the traceback)"
+                                       if msg else f"{type(e).__name__} (run with --debug for the traceback)") from None
 
 
 def _emit(obj, as_json: bool, text: str | None = None) -> None:
@@ -326,6 +336,7 @@ def task_check(name, data_dir, as_json):
 @train_option("warmup")
 @train_option("eval_every")
 @train_option("max_eval")
+@train_option("max_test")
 @train_option("patience")
 @train_option("k_shot")
 @train_option("seed")
@@ -476,6 +487,10 @@ def eval_cmd(ctx, name, task_name, model, split, head, max_examples, data_dir, m
     from composer.taskdata import load_splits
     from composer.tasks import load_task
 
+    if max_examples is not None and max_examples <= 0:
+        raise click.ClickException(f"--max-examples must be a positive number of examples, got {max_examples}")
+    if num_beams <= 0:
+        raise click.ClickException(f"--num-beams must be >= 1, got {num_beams}")
     lib = _library(ctx)
     if matrix:
         from composer.transfer import transfer_matrix
@@ -672,6 +687,8 @@ def graph_link(ctx, graph_path, metric, top_k, targets, max_examples, data_dir, 
     from composer import graph as G_
     from composer.transfer import link_graph
 
+    if max_examples <= 0:
+        raise click.ClickException(f"--max-examples must be a positive number of examples, got {max_examples}")
     G = G_.load_graph(graph_path)
     r = link_graph(G, _library(ctx), metric=metric, top_k=top_k, targets=list(targets) or None, data_dir=data_dir,
                    max_examples=max_examples, device=device)
@@ -864,8 +881,10 @@ def library_export_peft(ctx, name, out_dir, base_model, force):
 @click.pass_context
 def library_import_peft(ctx, adapter_dir, name, backbone, task_name, force):
     """Import a PEFT prompt-tuning adapter into the library."""
+    from composer.names import check_name
     from composer.peft_io import import_peft
 
+    check_name(name, "--name")  # before the adapter is read
     e = import_peft(_library(ctx), adapter_dir, name, backbone_name=backbone, task=task_name, overwrite=force)
     click.echo(f"imported {e.name}: [{e.prompt.shape[0]}, {e.prompt.shape[1]}] for {e.meta.get('backbone')}")
 

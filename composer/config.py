@@ -18,11 +18,13 @@ candidate prompts when composing. Older config.json files (``model``, ``temperat
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from composer.errors import BackboneError, ComposeError, TrainingError
+from composer.names import check_name, check_prefix
 
 # -- the choices ----------------------------------------------------------------------------------
 FAMILIES = ("encoder", "decoder", "encoder-decoder")
@@ -163,8 +165,10 @@ class TuningConfig(_Config):
             raise TrainingError(f"--steps must be positive, got {self.steps}")
         if self.batch_size <= 0:
             raise TrainingError(f"--batch-size must be positive, got {self.batch_size}")
-        if not self.lr > 0:
-            raise TrainingError(f"the prompt learning rate must be > 0, got {self.lr}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise TrainingError(f"the prompt learning rate must be > 0, got {self.lr} (--lr: a finite number)")
+        if not math.isfinite(self.model_lr):
+            raise TrainingError(f"--model-lr must be a finite number, got {self.model_lr}")
         if self.mode not in MODES:
             raise TrainingError(f"unknown --mode {self.mode!r}: use one of {', '.join(MODES)}")
         if self.mode == "joint" and self.unfreeze != "none" and self.model_lr <= 0:
@@ -180,7 +184,15 @@ class TuningConfig(_Config):
             raise TrainingError(f"--eval-every must be positive, got {self.eval_every}")
         if self.patience < 0:
             raise TrainingError(f"--patience must be >= 0, got {self.patience}")
-        if not self.label_temperature > 0:  # also NaN
+        if self.max_eval is not None and self.max_eval <= 0:
+            raise TrainingError(f"--max-eval must be positive (dev examples evaluated during training), got "
+                                f"{self.max_eval}")
+        if self.k_shot is not None and self.k_shot <= 0:
+            raise TrainingError(f"--k-shot must be positive (training examples per class), got {self.k_shot}; "
+                                "drop it to train on the whole train split")
+        if self.eval_batch_size <= 0:
+            raise TrainingError(f"--eval-batch-size must be positive, got {self.eval_batch_size}")
+        if not (self.label_temperature > 0 and math.isfinite(self.label_temperature)):  # also NaN
             raise TrainingError(f"--label-temperature must be > 0, got {self.label_temperature}")
         if self.mixed_precision not in PRECISIONS:
             raise TrainingError(f"unknown --mixed-precision {self.mixed_precision!r}: use one of "
@@ -203,6 +215,9 @@ class TrainConfig(TuningConfig):
 
     task: str = opt(help="Task spec name or path to a YAML file.", flag="TASK")
     save: str | None = opt(None, "Save the best prompt to the library under this name.")
+    max_test: int | None = opt(None, "Examples of the final dev and test evaluation (a fixed, seeded subset; "
+                                     "default: the whole splits). A generation task decodes each one: cap it "
+                                     "on a CPU.")
 
     @classmethod
     def _upgrade(cls, d: dict) -> dict:
@@ -211,8 +226,13 @@ class TrainConfig(TuningConfig):
         return super()._upgrade(d)
 
     def __post_init__(self):
+        if self.save is not None:  # a name is a folder (runs/NAME): checked before anything is written
+            check_name(self.save, "--save")
         if not self.backbone:
             raise TrainingError("a single-task run needs a backbone: give --model (e.g. minilm)")
+        if self.max_test is not None and self.max_test <= 0:
+            raise TrainingError(f"--max-test must be positive (examples of the final evaluation), got {self.max_test}; "
+                                "drop it to evaluate the whole dev and test splits")
         super().__post_init__()
 
 
@@ -247,6 +267,8 @@ class MultiTaskConfig(TuningConfig):
     _renamed = {"model": "backbone", "temperature": "sampling_temperature"}
 
     def __post_init__(self):
+        if self.save_prefix is not None:  # each task's name (PREFIX+TASK) is checked once the tasks are known
+            check_prefix(self.save_prefix)
         if isinstance(self.tasks, str):
             self.tasks = [t.strip() for t in self.tasks.split(",") if t.strip()]
         if isinstance(self.sources, str):
@@ -303,6 +325,8 @@ class ComposeConfig(_Config):
     _renamed = {"model": "backbone", "temperature": "mix_temperature"}
 
     def __post_init__(self):
+        if self.save is not None:
+            check_name(self.save, "--save")
         if self.strategy not in STRATEGIES:
             raise ComposeError(f"unknown --strategy {self.strategy!r}: use one of {', '.join(STRATEGIES)}")
         if self.top_k < 0:

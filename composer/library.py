@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from composer import __version__
 from composer.atomic import swap_dir
 from composer.errors import LibraryError
+from composer.names import check_name
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,6 @@ META_FILE = "prompt.json"
 PROMPT_KEY = "prompt_embeddings"
 KNOWN_KEYS = {"name", "task", "backbone", "family", "hidden_size", "length", "head", "metrics", "config",
               "provenance", "version", "created", "extras", "kind", "prefix_shape", "prefix_heads"}
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]{0,127}$")
 
 
 def default_root() -> Path:
@@ -51,12 +50,6 @@ def default_root() -> Path:
     data = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
     return Path(data) / "prompt-composer" / "library"
 
-
-def check_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
-        raise LibraryError(
-            f"bad prompt name {name!r}: use letters, digits and . _ - + = (no '/', no '..', at most 128 characters)")
-    return name
 
 
 @dataclass
@@ -151,6 +144,19 @@ class Library:
         return Entry(name=name, prompt=prompt.float(), meta=meta, path=d)
 
     # -- writing ------------------------------------------------------------------------------
+    def check_writable(self) -> None:
+        """Fail now, in one line, where an entry could not be written later (before a run trains for hours):
+        the root, or the nearest folder above it that exists, must be a folder this process may write."""
+        p = self.root
+        while not p.exists() and p.parent != p:
+            p = p.parent
+        if not p.is_dir():
+            raise LibraryError(f"the library at {self.root} cannot be made: {p} is a file; give another "
+                               "--library (or PROMPT_COMPOSER_LIBRARY)")
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise LibraryError(f"the library at {self.root} is not writable ({p} is read-only to this user); "
+                               "give another --library (or PROMPT_COMPOSER_LIBRARY) or fix its permissions")
+
     @contextlib.contextmanager
     def _lock(self):
         self.root.mkdir(parents=True, exist_ok=True)

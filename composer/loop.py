@@ -7,7 +7,8 @@ is here, written once:
     make_accelerator(precision, ...)    CUDA with mixed precision when there is a GPU, else the CPU in fp32
     param_groups(cfg, model)            the prompt's group, and the backbone's in joint mode
     Optimizer(cfg, model)               AdamW + warm-up schedule over those groups, and what to clip
-    RunFolder(...)                      config.json, the resume check, metrics.jsonl, checkpoint/ and best/
+    RunFolder(...)                      config.json, the resume check, metrics.jsonl, checkpoint/ and best/;
+                                        owned by one process at a time (a lock on RUN/.lock)
     seed_step(seed, step, device)       dropout masks: a function of (seed, step), so a resume repeats them
     training_step(...)                  finite-loss check, backward, clipping, optimizer and schedule step
     encode_splits(spec, splits, tok)    train, dev (dev, else test) and test (when dev exists)
@@ -18,6 +19,7 @@ pure function of (seed, s) (composer/runstate.py's plans), and so is the dropout
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import re
@@ -137,7 +139,8 @@ def training_step(acc: Accelerator, loss: torch.Tensor, opt: Optimizer, max_grad
     if acc.num_processes > 1:  # every process stops together, or the others hang in backward
         finite = acc.gather(finite).min()
     if not finite.item():
-        where = (f"the last good checkpoint is in {run.checkpoint}" if run.has_checkpoint()
+        # a checkpoint/ an earlier run left there is not this run's: name only one this run wrote or resumed
+        where = (f"the last good checkpoint is in {run.checkpoint}" if run.checkpointed
                  else "no checkpoint was written yet")
         raise TrainingError(f"loss became {loss.item()} at step {step}; {where} (lower --lr, currently {lr})")
     with attention_kernels(acc.device):
@@ -183,15 +186,62 @@ def check_resume(run_dir: Path, cfg: TuningConfig, keys: tuple[str, ...]) -> Non
                                 "the same settings or start a new run")
 
 
+def _is_run_folder(path: Path) -> bool:
+    """A folder a run wrote: its config.json is a run's (a task or tasks, and steps), not a model's."""
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and ("task" in cfg or "tasks" in cfg) and "steps" in cfg
+
+
 class RunFolder:
     """A run's folder: config.json, metrics.jsonl, checkpoint/ (to resume) and best/ (the best so far).
 
-    Only the main process writes; ``open`` recovers folders a crash left mid-swap and loads the checkpoint."""
+    Only the main process writes; ``owned`` holds the folder for this run (a second process refuses, and a
+    folder that is not a run's is never written into); ``open`` recovers folders a crash left mid-swap and
+    loads the checkpoint."""
 
     def __init__(self, path: Path, acc: Accelerator):
         self.path, self.acc = Path(path), acc
         self.checkpoint, self.best = self.path / "checkpoint", self.path / "best"
         self.metrics = self.path / "metrics.jsonl"
+        self.checkpointed = False
+        """Whether this run wrote (or resumed from) checkpoint/; one an earlier run left does not count."""
+
+    @contextlib.contextmanager
+    def owned(self, resume: bool) -> Iterator[RunFolder]:
+        """Hold the folder for this run: an exclusive, non-blocking flock on RUN/.lock, released at the end.
+
+        Refused in one line (before anything is written): a folder another process holds (two runs of one
+        --save would interleave their metrics and save each other's prompt), a file, and an existing folder
+        with files in it that is not a run folder (its best/ and checkpoint/ would be replaced)."""
+        if not self.acc.is_main_process:  # the main process owns the folder for every rank
+            yield self
+            return
+        if self.path.exists() and not self.path.is_dir():
+            raise TrainingError(f"run folder {self.path} is a file; give another --run-dir (or --save name)")
+        if (not resume and self.path.is_dir() and any(p.name != ".lock" for p in self.path.iterdir())
+                and not _is_run_folder(self.path)):
+            raise TrainingError(f"run folder {self.path} holds files and is not a run folder (no run's "
+                                "config.json); give a new or empty --run-dir (or another --save name)")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            f = open(self.path / ".lock", "a")
+        except OSError as e:
+            raise TrainingError(f"cannot write the run folder {self.path} ({e.strerror or e}); give another "
+                                "--run-dir") from None
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise TrainingError(f"run folder {self.path} is in use by another run (it holds {self.path / '.lock'}); "
+                                "wait for it to finish, or give another --save name or --run-dir") from None
+        try:
+            yield self
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+            f.close()
 
     def open(self, cfg: TuningConfig, resume: bool, best_dirs: list[Path], model, opt: Optimizer,
              state: dict) -> dict:
@@ -205,6 +255,7 @@ class RunFolder:
         self.acc.wait_for_everyone()
         if resume and self.has_checkpoint():
             state = load_checkpoint(self.checkpoint, model, opt.optimizer, opt.scheduler)
+            self.checkpointed = True
             log.info("resuming %s at step %d", self.path, state["step"])
         return state
 
@@ -220,6 +271,7 @@ class RunFolder:
     def save_checkpoint(self, model, opt: Optimizer, state: dict) -> None:
         if self.acc.is_main_process:
             save_checkpoint(self.checkpoint, model, opt.optimizer, opt.scheduler, state)
+        self.checkpointed = True
 
     @contextlib.contextmanager
     def interruptible(self, model, opt: Optimizer, state: dict, bar=None) -> Iterator[None]:

@@ -256,6 +256,7 @@ def build_model(backbone: Backbone, spec, prompt: torch.Tensor | nn.Module, head
     module; ``prefix_projection`` > 0 reparameterises a prefix while it trains (PrefixPrompt)."""
     kind = resolve_head(spec, backbone, head)
     if isinstance(prompt, torch.Tensor):
+        check_positions(backbone, spec, prompt.shape[2] if is_prefix(prompt) else prompt.shape[0])
         if is_prefix(prompt):
             check_prefix_fits(tuple(prompt.shape), backbone, "this prefix")
             source = PrefixPrompt(prompt, projection=prefix_projection, seed=seed)
@@ -272,6 +273,36 @@ def build_model(backbone: Backbone, spec, prompt: torch.Tensor | nn.Module, head
     if pm.kind == "prefix":
         check_reaches(pm)
     return pm
+
+
+def position_limit(backbone: Backbone) -> int | None:
+    """How many tokens the backbone's learned absolute position table reaches (BERT, GPT-2, BART; less the
+    table's offset), or None where positions are relative or rotary (T5, Llama: no table to run past)."""
+    for name, m in backbone.network.named_modules():
+        if isinstance(m, nn.Embedding) and name.rsplit(".", 1)[-1] in ("position_embeddings", "wpe",
+                                                                       "embed_positions"):
+            offset = getattr(m, "offset", None)  # BART's learned positions start at 2
+            if offset is None:  # RoBERTa's start after the padding index
+                offset = m.padding_idx + 1 if m.padding_idx is not None else 0
+            return m.num_embeddings - offset
+    return None
+
+
+def check_positions(backbone: Backbone, spec, prompt_length: int) -> None:
+    """P virtual tokens (a prompt's, or a prefix's: BERT counts a cache's length into its positions) and the
+    task's longest input (and, on a decoder, its target) must fit the backbone's position table: one line
+    naming the limit, not an index error deep in the backbone."""
+    limit, T = position_limit(backbone), getattr(spec, "max_length", None)
+    if limit is None or T is None:
+        return
+    if getattr(spec, "is_generation", False) and backbone.family == "decoder":
+        T += spec.max_target_length
+    P = prompt_length
+    if P + T > limit:
+        what = "max_length" + (" + max_target_length" if T != spec.max_length else "")
+        room = f"use --prompt-length at most {limit - T}" if limit > T else f"lower the task's {what}"
+        raise TrainingError(f"--prompt-length {P} plus the {what} of task '{spec.name}' ({T}) is {P + T} "
+                            f"positions, past the position limit of backbone '{backbone.name}' ({limit}); {room}")
 
 
 def check_prefix_fits(shape: tuple, backbone: Backbone, what: str) -> None:

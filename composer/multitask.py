@@ -47,10 +47,10 @@ from composer.encoding import pad_batch
 from composer.errors import TrainingError
 from composer.evaluate import evaluate
 from composer.heads import resolve_head
-from composer.library import Library, check_compatible
+from composer.library import Library, check_compatible, check_name
 from composer.loop import (Optimizer, RunFolder, check_resume, encode_splits, make_accelerator, out_of_patience,
                            seed_step, training_step)
-from composer.model import MultiTaskModel, build_model
+from composer.model import MultiTaskModel, build_model, check_positions
 from composer.prompts import init_prompt
 from composer.runstate import MixturePlan, load_trainable, progress_bar, save_trainable, shard, trainable_state
 from composer.taskdata import load_splits
@@ -125,8 +125,10 @@ def prepare_multitask(cfg: MultiTaskConfig, backbone: Backbone | None = None,
         log.warning("graph %r is drawn for backbone %r; training its tasks on %r", G.graph.get("name"),
                     G.graph.get("backbone"), cfg.backbone)
     backbone = backbone or load_backbone(cfg.backbone)
-    for _, spec, _ in found:  # every head fits the backbone, before any data loads
+    for _, spec, _ in found:  # every head (and prompt length) fits the backbone, before any data loads
         resolve_head(spec, backbone, cfg.head)
+        if not cfg.init.startswith("library") and cfg.composer != "attention":
+            check_positions(backbone, spec, cfg.prompt_length)
 
     sources, shared, mixtures = [], None, {}
     if cfg.composer == "attention":
@@ -192,17 +194,33 @@ def train_multitask(cfg: MultiTaskConfig, library: Library | None = None, progre
     library = library or Library()
     torch.manual_seed(cfg.seed)
     if prepared is None:
-        _, G = resolve_tasks(cfg)  # fail on a bad task list before the resume check and the model load
+        found, G = resolve_tasks(cfg)  # fail on a bad task list before the resume check and the model load
         cfg.backbone = cfg.backbone or (G.graph.get("backbone") if G is not None else None) or "minilm"
+        keys = [k for k, _, _ in found]
+    else:
+        keys = list(prepared.model.tasks)
+    if cfg.save_prefix:  # every name the run will save, before any work
+        for k in keys:
+            check_name(f"{cfg.save_prefix}{k}", f"--save-prefix name for task {k!r},")
+        if acc.is_main_process:
+            library.check_writable()
     run_dir = Path(resume) if resume else Path(cfg.run_dir) if cfg.run_dir else Path("runs") / (
         f"{cfg.save_prefix or 'multitask-'}{time.strftime('%Y%m%d-%H%M%S')}")
     if resume:
         check_resume(run_dir, cfg, ("tasks", "graph", "backbone", "mode", "composer"))
     cfg.run_dir = str(run_dir)
+    run = RunFolder(run_dir, acc)
+    with run.owned(bool(resume)):  # one process per run folder: a second run there refuses
+        return _train_multitask(cfg, run, library, progress, prepared, resume, acc)
+
+
+def _train_multitask(cfg: MultiTaskConfig, run: RunFolder, library: Library, progress: bool,
+                     prepared: MultiPrepared | None, resume, acc) -> dict:
+    """The run itself, in a folder this process owns."""
+    run_dir = run.path
     mp = prepared or prepare_multitask(cfg, library=library)
     keys = list(mp.model.tasks)
     opt = Optimizer(cfg, mp.model)
-    run = RunFolder(run_dir, acc)
     state = {"step": 0, "best": {}, "best_step": {}, "bad_evals": 0, "tasks": keys, "model": cfg.backbone,
              "mode": cfg.mode, "composer": cfg.composer}
     state = run.open(cfg, bool(resume), [run.best / k for k in keys], mp.model, opt, state)

@@ -148,7 +148,7 @@ def export_peft(library: Library, name: str, out_dir: str | Path, base_model_nam
     entry = library.load(name)
     meta = entry.meta
     if meta.get("kind") == "prefix" and not is_attention_composer(entry):
-        return _export_prefix(entry, out_dir, base_model_name_or_path, overwrite)
+        return _export_prefix(entry, out_dir, base_model_name_or_path, overwrite, library)
     if is_attention_composer(entry):
         raise LibraryError(f"prompt '{name}' is an attention composer (per-example prompts); distill it first: "
                            f"prompt-composer compose ... --distill")
@@ -156,7 +156,7 @@ def export_peft(library: Library, name: str, out_dir: str | Path, base_model_nam
     if family not in TASK_TYPE:
         raise LibraryError(f"prompt '{name}' has family {family!r} in {META_FILE}; a PEFT adapter needs one of "
                            f"{', '.join(TASK_TYPE)} (set \"family\" in {entry.path / META_FILE})")
-    out = _check_out(name, out_dir, overwrite)
+    out = _check_out(name, out_dir, overwrite, library)
     for stem, why in (("head", "its linear head weights are not part of a PEFT prompt-tuning adapter"),
                       ("backbone", "it was tuned jointly and the backbone weights it needs are not exported")):
         if stem in (meta.get("extras") or []):
@@ -175,13 +175,36 @@ def export_peft(library: Library, name: str, out_dir: str | Path, base_model_nam
     return out
 
 
-def _check_out(name: str, out_dir, overwrite: bool) -> Path:
+EXPORT_FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE, SIDECAR_FILE, "README.md"})
+"""What a previous export may hold: overwrite (--force) replaces a folder of these files only."""
+
+
+def _check_out(name: str, out_dir, overwrite: bool, library: Library | None = None) -> Path:
+    """The export folder: new, empty, or (with ``overwrite``) a previous export and nothing else.
+
+    --force never removes anything it did not write: the library itself, a folder holding library entries
+    or run folders, or any file that is not an adapter's is refused in one line naming what is there."""
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise LibraryError(f"cannot export prompt '{name}' to {out}: it is a file; give a folder path")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    if library is not None:
+        root, target = library.root.expanduser().resolve(), out.resolve()
+        if target == root or target in root.parents or root in target.parents:
+            raise LibraryError(f"cannot export prompt '{name}' to {out}: it is the library at {library.root}, "
+                               "or a folder in or above it; give a folder outside the library")
+    if not out.is_dir() or not any(out.iterdir()):
+        return out
+    if not overwrite:
         raise LibraryError(f"cannot export prompt '{name}': {out} exists and is not empty; "
                            f"give a new folder or pass overwrite (--force)")
+    foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if p.name not in EXPORT_FILES
+                     or not p.is_file())
+    if foreign or CONFIG_FILE not in {p.name for p in out.iterdir()}:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        why = f"it holds {shown}" if foreign else f"it has no {CONFIG_FILE}"
+        raise LibraryError(f"cannot export prompt '{name}' to {out} with --force: {why}, so it is not a previous "
+                           f"PEFT export (--force replaces only a folder of {', '.join(sorted(EXPORT_FILES))}); "
+                           "give a new folder")
     return out
 
 
@@ -190,7 +213,8 @@ def _sidecar(meta: dict) -> dict:
                                      "kind", "metrics", "provenance", "version")}
 
 
-def _export_prefix(entry: Entry, out_dir, base_model_name_or_path: str | None, overwrite: bool) -> Path:
+def _export_prefix(entry: Entry, out_dir, base_model_name_or_path: str | None, overwrite: bool,
+                   library: Library | None = None) -> Path:
     """An [L, 2, P, D] prefix as a PEFT PrefixTuning adapter: prompt_embeddings [P, L*2*D] in PEFT's layout
     (virtual token p's row holds layer 0's key, layer 0's value, layer 1's key, ...), identical logits on
     encoders and decoders. Encoder-decoders are refused: PEFT 0.21 feeds decoder layer l the rows of layer
@@ -200,7 +224,7 @@ def _export_prefix(entry: Entry, out_dir, base_model_name_or_path: str | None, o
     if family not in ("encoder", "decoder"):
         raise LibraryError(f"prefix '{entry.name}' is for a {family}; PEFT's PrefixTuning layout on encoder-decoders "
                            "repeats some layers' rows for others, so only encoder and decoder prefixes export")
-    out = _check_out(entry.name, out_dir, overwrite)
+    out = _check_out(entry.name, out_dir, overwrite, library)
     L, _, P, D = prefix.shape
     heads = meta.get("prefix_heads") or (meta.get("provenance") or {}).get("kv_heads")
     base, folder = _base_model(meta.get("backbone"))

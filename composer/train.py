@@ -30,7 +30,7 @@ from composer.heads import resolve_head
 from composer.library import Library
 from composer.loop import (Optimizer, RunFolder, backbone_filter, check_resume, encode_splits, make_accelerator,
                            out_of_patience, seed_step, training_step)
-from composer.model import build_model
+from composer.model import build_model, check_positions
 from composer.prompts import init_prompt
 from composer.runstate import BatchPlan, load_trainable, progress_bar, save_trainable, shard, trainable_state
 from composer.taskdata import load_splits
@@ -66,6 +66,8 @@ def prepare(cfg: TrainConfig, backbone: Backbone | None = None, library: Library
     spec = load_task(cfg.task)
     backbone = backbone or load_backbone(cfg.backbone)
     resolve_head(spec, backbone, cfg.head)  # fail before touching data
+    if not cfg.init.startswith("library"):  # a library init brings its own length (checked when it loads)
+        check_positions(backbone, spec, cfg.prompt_length)
     splits = load_splits(spec, data_dir=cfg.data_dir, k_shot=cfg.k_shot, seed=cfg.seed)
     train, dev, test = encode_splits(spec, splits, backbone.tokenizer)
     if prompt_source is not None:
@@ -87,9 +89,20 @@ def train(cfg: TrainConfig, prepared: Prepared | None = None, resume: str | Path
     if resume:
         check_resume(run_dir, cfg, ("task", "backbone", "mode"))
     cfg.run_dir = str(run_dir)
+    if cfg.save and acc.is_main_process:
+        library = library or Library()
+        library.check_writable()  # now, not after the training
+    run = RunFolder(run_dir, acc)
+    with run.owned(bool(resume)):  # one process per run folder: a second run of the same --save refuses
+        return _train(cfg, run, prepared, resume, library, progress, acc)
+
+
+def _train(cfg: TrainConfig, run: RunFolder, prepared: Prepared | None, resume, library: Library | None,
+           progress: bool, acc) -> dict:
+    """The run itself, in a folder this process owns."""
+    run_dir = run.path
     prep = prepared or prepare(cfg, library=library)
     opt = Optimizer(cfg, prep.model)
-    run = RunFolder(run_dir, acc)
     state = {"step": 0, "best": None, "best_step": None, "bad_evals": 0, "task": prep.spec.name,
              "model": cfg.backbone, "mode": cfg.mode}
     state = run.open(cfg, bool(resume), [run.best], prep.model, opt, state)
@@ -155,9 +168,11 @@ def train(cfg: TrainConfig, prepared: Prepared | None = None, resume: str | Path
     result = {"task": prep.spec.name, "model": cfg.backbone, "steps": step, "best_step": state["best_step"],
               "seconds": round(time.time() - t0, 2), "run_dir": str(run_dir), "metric": prep.spec.metric,
               "initial": state.get("initial"), "best": state["best"],  # both on the same dev subset (max_eval)
-              "dev": evaluate(core, prep.spec, prep.dev, cfg.eval_batch_size, acc.device, acc.autocast)}
+              "dev": evaluate(core, prep.spec, prep.dev.subset(cfg.max_test, cfg.seed), cfg.eval_batch_size,
+                              acc.device, acc.autocast)}
     if prep.test is not None:
-        result["test"] = evaluate(core, prep.spec, prep.test, cfg.eval_batch_size, acc.device, acc.autocast)
+        result["test"] = evaluate(core, prep.spec, prep.test.subset(cfg.max_test, cfg.seed), cfg.eval_batch_size,
+                                  acc.device, acc.autocast)
     if cfg.save and acc.is_main_process:
         save_to_library(library or Library(), cfg.save, core, prep, cfg, result)
         result["saved"] = cfg.save
