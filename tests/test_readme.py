@@ -25,7 +25,8 @@ README = ROOT / "README.md"
 
 # Appended to a command, by its subcommand: what makes the walk-through run in seconds.
 BUDGET = {
-    "train": ["--steps", "2", "--eval-every", "2", "--max-eval", "16"],
+    "train": ["--steps", "2", "--eval-every", "2", "--max-eval", "16", "--max-test", "16"],
+    "train --multitask": ["--steps", "2", "--eval-every", "2", "--max-eval", "16"],
     "eval": ["--max-examples", "8"],
     "graph link": ["--max-examples", "16"],
     "generate": ["--max-new-tokens", "8"],
@@ -46,6 +47,8 @@ def walkthrough_commands(text: str) -> list[list[str]]:
 
 
 def _subcommand(argv: list[str]) -> str:
+    if argv[1] == "train" and "--multitask" in argv:
+        return "train --multitask"
     return " ".join(argv[1:3]) if argv[1] in {"graph", "library", "task"} else argv[1]
 
 

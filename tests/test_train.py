@@ -270,3 +270,15 @@ def test_a_run_follows_another_with_a_different_precision(toy_task, tiny_bert_di
         assert AcceleratorState().mixed_precision == "no"  # this machine has no GPU, or "no" was asked for
     finally:
         AcceleratorState._reset_state()
+
+
+def test_max_test_caps_the_final_evaluation(toy_task, tiny_bert_dir, tmp_path):
+    """--max-test evaluates a seeded subset of the dev and test splits at the end; without it, the whole splits."""
+    whole = train(cfg(toy_task, tiny_bert_dir, tmp_path, steps=2, eval_every=2, run_dir=str(tmp_path / "w")),
+                  progress=False)
+    capped = train(cfg(toy_task, tiny_bert_dir, tmp_path, steps=2, eval_every=2, max_test=10,
+                       run_dir=str(tmp_path / "c")), progress=False)
+    assert whole["dev"]["n"] > 10 and whole["test"]["n"] > 10
+    assert capped["dev"]["n"] == 10 and capped["test"]["n"] == 10
+    with pytest.raises(TrainingError, match=r"--max-test must be positive.*got 0"):
+        cfg(toy_task, tiny_bert_dir, tmp_path, max_test=0)
