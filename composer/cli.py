@@ -324,6 +324,7 @@ def task_check(name, data_dir, as_json):
 @train_option("head")
 @train_option("kind")
 @train_option("prompt_length")
+@train_option("prompt_position")
 @train_option("prefix_projection")
 @train_option("init")
 @train_option("mode")

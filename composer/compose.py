@@ -88,6 +88,11 @@ def candidates(G, target: str, library: Library, metric: str | None = None, top_
                            + ", ".join(f"{k}={v}" for k, v in kinds.items())
                            + "; compose one kind (a prompt becomes a prefix with `train TASK --kind prefix "
                              "--init library:NAME`, which starts from the keys and values it induces)")
+    positions = {c.prompt_name: c.meta.get("position") or "after-cls" for c in out}
+    if len(set(positions.values())) > 1:
+        raise ComposeError(f"candidates of {target!r} differ in prompt position: "
+                           + ", ".join(f"{k}={v}" for k, v in positions.items())
+                           + "; compose prompts trained with one --prompt-position")
     for attr in ("hidden_size", "backbone"):
         vals = {c.prompt_name: c.meta.get(attr) for c in out}
         if len(set(vals.values())) > 1:
@@ -130,6 +135,7 @@ def compose(cfg: ComposeConfig, library: Library | None = None, backbone: Backbo
     names = [c.node for c in cands]
     # prefixes [L, 2, P, D] are mixed as their flat views [L*2*P, D] (a stack of per-layer prompts)
     num_layers = cands[0].prompt.shape[0] if is_prefix(cands[0].prompt) else None
+    position = cands[0].meta.get("position") or "after-cls"  # the candidates agree (candidates())
 
     def to_model(p: torch.Tensor) -> torch.Tensor:
         """A mixed [P, H] (or flat prefix) -> what the model takes: the prompt, or the [L, 2, P, D] prefix."""
@@ -166,7 +172,7 @@ def compose(cfg: ComposeConfig, library: Library | None = None, backbone: Backbo
         weights = wt.tolist()
     else:
         shots = _few_shot(spec, bb, cfg.shots, cfg.seed, cfg.data_dir)
-        pm = build_model(bb, spec, to_model(stack[0]).clone(), seed=cfg.seed)  # where the backbone is
+        pm = build_model(bb, spec, to_model(stack[0]).clone(), seed=cfg.seed, position=position)  # where the backbone is
         freeze_backbone(pm)
         pm.eval()  # deterministic scores while choosing
         result["shots"] = len(shots)
@@ -175,7 +181,7 @@ def compose(cfg: ComposeConfig, library: Library | None = None, backbone: Backbo
                 p = to_model(p)
                 if cfg.steps <= 0:
                     return score(spec, predict(pm, shots, prompt=p), shots)["score"]
-                tuned = build_model(bb, spec, p.clone(), seed=cfg.seed)
+                tuned = build_model(bb, spec, p.clone(), seed=cfg.seed, position=position)
                 freeze_backbone(tuned)
                 _fit(tuned, shots, cfg.steps, cfg.lr, cfg.seed, what="tune a candidate")
                 return score(spec, predict(tuned, shots), shots)["score"]
@@ -204,7 +210,7 @@ def compose(cfg: ComposeConfig, library: Library | None = None, backbone: Backbo
             result["optimizer"] = {k: v for k, v in res.to_dict().items() if k != "history"}
         else:  # attention
             comp = AttentionComposer(stack, temperature=cfg.mix_temperature, seed=cfg.seed, input_size=bb.hidden_size)
-            pm = build_model(bb, spec, MixtureSource(comp, num_layers=num_layers), seed=cfg.seed)
+            pm = build_model(bb, spec, MixtureSource(comp, num_layers=num_layers), seed=cfg.seed, position=position)
             freeze_backbone(pm)
             if cfg.steps > 0:
                 _fit(pm, shots, cfg.steps, cfg.lr, cfg.seed)
@@ -226,7 +232,7 @@ def compose(cfg: ComposeConfig, library: Library | None = None, backbone: Backbo
                           prompts=[c.prompt_name for c in cands], weights=weights, metric=cfg.metric,
                           shots=cfg.shots if needs_model else None, seed=cfg.seed, top_k=cfg.top_k)
         meta = {"task": spec.name, "backbone": cands[0].meta.get("backbone"), "family": cands[0].meta.get("family"),
-                "hidden_size": cands[0].meta.get("hidden_size"), "kind": "prefix" if num_layers else "prompt",
+                "hidden_size": cands[0].meta.get("hidden_size"), "kind": "prefix" if num_layers else "prompt", "position": position,
                 "prefix_heads": cands[0].meta.get("prefix_heads"),
                 "head": cands[0].meta.get("head"), "metrics": {}, "config": vars(cfg).copy(),
                 "provenance": provenance}

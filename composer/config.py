@@ -31,6 +31,8 @@ FAMILIES = ("encoder", "decoder", "encoder-decoder")
 HEADS = ("verbalizer", "label-similarity", "mlm", "linear")
 DEFAULT_HEAD = {"encoder": "label-similarity", "decoder": "verbalizer", "encoder-decoder": "verbalizer"}
 KINDS = ("prompt", "prefix")
+# where an input-level prompt goes on a BERT-style encoder: [CLS] prompt text | prompt [CLS] text (PEFT's)
+POSITIONS = ("after-cls", "front")
 """prompt: P vectors in front of the input embeddings; prefix: P keys and values in front of every attention
 layer's (deep prompt tuning: prefix tuning, P-tuning v2; composer/prefix.py)."""
 INITS = ("random", "vocab", "text", "library")
@@ -215,6 +217,10 @@ class TrainConfig(TuningConfig):
 
     task: str = opt(help="Task spec name or path to a YAML file.", flag="TASK")
     save: str | None = opt(None, "Save the best prompt to the library under this name.")
+    prompt_position: str = opt("after-cls", "Where an input-level prompt goes on a BERT-style encoder: after-cls "
+                                            "([CLS] prompt text) | front (prompt [CLS] text, PEFT's placement: "
+                                            "its PromptTuning export gives the same outputs). Other backbones: "
+                                            "always in front.", choices=POSITIONS)
     max_test: int | None = opt(None, "Examples of the final dev and test evaluation (a fixed, seeded subset; "
                                      "default: the whole splits). A generation task decodes each one: cap it "
                                      "on a CPU.")
@@ -230,6 +236,8 @@ class TrainConfig(TuningConfig):
             check_name(self.save, "--save")
         if not self.backbone:
             raise TrainingError("a single-task run needs a backbone: give --model (e.g. minilm)")
+        if self.prompt_position not in POSITIONS:
+            raise TrainingError(f"unknown --prompt-position {self.prompt_position!r}: use one of {', '.join(POSITIONS)}")
         if self.max_test is not None and self.max_test <= 0:
             raise TrainingError(f"--max-test must be positive (examples of the final evaluation), got {self.max_test}; "
                                 "drop it to evaluate the whole dev and test splits")

@@ -40,7 +40,7 @@ PROMPT_FILE = "prompt.safetensors"
 META_FILE = "prompt.json"
 PROMPT_KEY = "prompt_embeddings"
 KNOWN_KEYS = {"name", "task", "backbone", "family", "hidden_size", "length", "head", "metrics", "config",
-              "provenance", "version", "created", "extras", "kind", "prefix_shape", "prefix_heads"}
+              "provenance", "version", "created", "extras", "kind", "prefix_shape", "prefix_heads", "position"}
 
 
 def default_root() -> Path:

@@ -68,8 +68,9 @@ class PromptedModel(nn.Module):
     [B, P, H] (prepended to the input embeddings) or prefixes [B, L, 2, P, D] (prepended to every attention
     layer's keys and values through the backbone's cache; composer/prefix.py)."""
 
-    def __init__(self, backbone: Backbone, prompt_source: nn.Module, head: nn.Module):
+    def __init__(self, backbone: Backbone, prompt_source: nn.Module, head: nn.Module, position: str = "after-cls"):
         super().__init__()
+        self.position = position  # after-cls | front: where a prompt goes on a BERT-style encoder
         self.backbone = backbone
         self.network = backbone.model  # registered, so .to(device) and state_dict see it
         self.prompt_source = prompt_source
@@ -100,9 +101,9 @@ class PromptedModel(nn.Module):
 
     @property
     def after_first(self) -> bool:
-        """BERT-style encoders keep [CLS] in front of the prompt."""
+        """BERT-style encoders keep [CLS] in front of the prompt, unless the prompt goes in front (PEFT's)."""
         tok = self.backbone.tokenizer
-        return self.family == "encoder" and tok.cls_token_id is not None
+        return self.position == "after-cls" and self.family == "encoder" and tok.cls_token_id is not None
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [B, T] -> [B, T, H] word embeddings (positions are added inside the backbone)."""
@@ -251,9 +252,11 @@ class MultiTaskModel(nn.Module):
 
 # -- assembling a task's model ----------------------------------------------------------------------
 def build_model(backbone: Backbone, spec, prompt: torch.Tensor | nn.Module, head: str | None = None,
-                label_temperature: float = 0.05, seed: int = 0, prefix_projection: int = 0) -> PromptedModel:
+                label_temperature: float = 0.05, seed: int = 0, prefix_projection: int = 0,
+                position: str = "after-cls") -> PromptedModel:
     """A PromptedModel for one task. ``prompt`` is a [P, H] prompt, an [L, 2, P, D] prefix, or a prompt-source
-    module; ``prefix_projection`` > 0 reparameterises a prefix while it trains (PrefixPrompt)."""
+    module; ``prefix_projection`` > 0 reparameterises a prefix while it trains (PrefixPrompt); ``position``
+    places a prompt on a BERT-style encoder (after-cls: [CLS] prompt text; front: prompt [CLS] text)."""
     kind = resolve_head(spec, backbone, head)
     if isinstance(prompt, torch.Tensor):
         check_positions(backbone, spec, prompt.shape[2] if is_prefix(prompt) else prompt.shape[0])
@@ -268,7 +271,7 @@ def build_model(backbone: Backbone, spec, prompt: torch.Tensor | nn.Module, head
     else:
         source = prompt
     head_module = make_head(spec, backbone, kind, label_temperature=label_temperature, seed=seed)
-    pm = PromptedModel(backbone, source, head_module)
+    pm = PromptedModel(backbone, source, head_module, position=position)
     pm = pm.to(pm.device)  # prompt and head live where the backbone is
     if pm.kind == "prefix":
         check_reaches(pm)
@@ -343,7 +346,7 @@ def from_library(entry, backbone: Backbone, spec, head: str | None = None,
     same_task = entry.meta.get("task") == spec.name
     kind = head or (entry.meta.get("head") if same_task else None)
     pm = build_model(backbone, spec, load_source(entry) or entry.prompt, head=kind,
-                     label_temperature=label_temperature)
+                     label_temperature=label_temperature, position=entry.meta.get("position") or "after-cls")
     head_state = entry.extra("head")
     if head_state and same_task and pm.head.kind == "linear":
         pm.head.proj.load_state_dict({k.split(".", 1)[1]: v for k, v in head_state.items()})

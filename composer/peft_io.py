@@ -13,10 +13,11 @@ peft itself is not needed for either: the format is plain JSON and safetensors.
 
 Where the prompt goes. PEFT puts the virtual tokens in front of every input token; our PromptedModel does
 the same for decoders and encoder-decoders (encoder side), so there the PEFT model gives the same logits
-as ours. For BERT-style encoders we keep [CLS] first ([CLS] prompt rest) while PEFT puts the prompt
-before [CLS] (prompt [CLS] rest): the adapter loads and runs, but the positions differ by the [CLS]
-placement, so its outputs are not identical to ours (a prompt tuned with one placement may transfer
-imperfectly to the other).
+as ours. On BERT-style encoders we keep [CLS] first by default ([CLS] prompt rest, `--prompt-position
+after-cls`) while PEFT puts the prompt before [CLS] (prompt [CLS] rest): such an adapter loads and runs,
+but its positions differ by the [CLS] placement. A prompt trained with `--prompt-position front` sits where
+PEFT puts it, so its export gives PEFT the same outputs as ours; an imported PEFT adapter is recorded as
+``position: front`` (ours going home keep theirs).
 
 Encoder-decoders: PEFT's default for SEQ_2_SEQ_LM is two submodules (a prompt on the encoder and one on
 the decoder). Our prompts are encoder-side only, so we export num_transformer_submodules = 1, and on
@@ -210,7 +211,7 @@ def _check_out(name: str, out_dir, overwrite: bool, library: Library | None = No
 
 def _sidecar(meta: dict) -> dict:
     return {k: meta.get(k) for k in ("name", "task", "backbone", "family", "head", "hidden_size", "length",
-                                     "kind", "metrics", "provenance", "version")}
+                                     "kind", "position", "metrics", "provenance", "version")}
 
 
 def _export_prefix(entry: Entry, out_dir, base_model_name_or_path: str | None, overwrite: bool,
@@ -359,6 +360,9 @@ def import_peft(library: Library, adapter_dir: str | Path, name: str, backbone_n
         "backbone": backbone,
         "family": FAMILY.get(str(task_type), "encoder"),
         "head": head,
+        # PEFT trains a prompt in front of every token (before [CLS] on an encoder): so does the entry, unless
+        # it is one of ours going home
+        "position": ours.get("position") or ("after-cls" if ours else "front"),
         "metrics": ours.get("metrics") or {},
         "provenance": provenance,
     }

@@ -75,7 +75,7 @@ def prepare(cfg: TrainConfig, backbone: Backbone | None = None, library: Library
     else:
         prompt, prov = init_prompt(cfg.init, cfg.prompt_length, backbone, spec, cfg.seed, library, kind=cfg.kind)
     pm = build_model(backbone, spec, prompt, head=cfg.head, label_temperature=cfg.label_temperature, seed=cfg.seed,
-                     prefix_projection=cfg.prefix_projection)
+                     prefix_projection=cfg.prefix_projection, position=cfg.prompt_position)
     return Prepared(backbone, spec, train, dev, test, pm, prov)
 
 
@@ -205,7 +205,7 @@ def save_to_library(library: Library, name: str, pm, prep: Prepared, cfg, result
     if static is None:
         raise ComposerError("this prompt source has no static prompt to save")
     meta = {"task": prep.spec.name, "backbone": prep.backbone.name, "family": prep.backbone.family,
-            "hidden_size": prep.backbone.hidden_size, "kind": pm.kind, "head": pm.head.kind, "metrics": {k: result[k] for k in ("dev", "test") if k in result},
+            "hidden_size": prep.backbone.hidden_size, "kind": pm.kind, "position": pm.position, "head": pm.head.kind, "metrics": {k: result[k] for k in ("dev", "test") if k in result},
             "config": cfg.to_dict(), "provenance": prep.provenance}
     if pm.kind == "prefix":
         meta["prefix_heads"] = pm.geometry.kv_heads  # what a PEFT PrefixTuning export needs to say

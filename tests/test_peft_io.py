@@ -222,3 +222,38 @@ def test_export_refuses_non_empty_folder(tmp_path, lib):
     export_peft(lib, "p", out, overwrite=True)
     assert torch.equal(import_peft(lib, out, "q").prompt, _prompt(9))
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp folders left
+
+
+def test_encoder_prompt_in_front_exports_with_identical_outputs(tmp_path, tokenizer, lib):
+    """--prompt-position front puts the prompt where PEFT does (prompt [CLS] rest): PEFT's encoder outputs and
+    ours are the same, on right-padded batches too; the import records the placement."""
+    from transformers import AutoModel
+
+    from composer.backbones import load_backbone
+    from composer.model import from_library
+
+    model_dir = _save_model("encoder", tmp_path / "base")
+    prompt = _prompt(5)
+    lib.save("p", prompt, {"backbone": str(model_dir), "family": "encoder", "position": "front"})
+    out = export_peft(lib, "p", tmp_path / "adapter")
+    pmodel = peft.PeftModel.from_pretrained(AutoModel.from_pretrained(model_dir), out).eval()
+    pm = from_library(lib.load("p"), load_backbone(str(model_dir)), SPEC, head="linear").eval()
+    assert pm.position == "front" and not pm.after_first
+    ids, mask = _batch(tokenizer, ["the film was good", "bad"])
+    with torch.no_grad():
+        theirs = pmodel(input_ids=ids, attention_mask=mask).last_hidden_state
+        embeds, m, n, _ = pm.prompted(ids, mask)
+        ours = pm.hidden(embeds, m)
+    assert n == P
+    keep = m.bool()
+    torch.testing.assert_close(ours[keep], theirs[keep], atol=1e-5, rtol=0)
+    # after-cls (the default) differs by the [CLS] placement
+    lib.save("q", prompt, {"backbone": str(model_dir), "family": "encoder"})
+    pq = from_library(lib.load("q"), load_backbone(str(model_dir)), SPEC, head="linear").eval()
+    with torch.no_grad():
+        e, mq, _, _ = pq.prompted(ids, mask)
+        assert not torch.allclose(pq.hidden(e, mq)[keep], theirs[keep], atol=1e-3)
+    # a bare PEFT adapter comes in front; ours going home keep theirs
+    assert import_peft(lib, out, "back").meta["position"] == "front"
+    (out / "prompt-composer.json").unlink()
+    assert import_peft(lib, out, "bare").meta["position"] == "front"

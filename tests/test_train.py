@@ -282,3 +282,18 @@ def test_max_test_caps_the_final_evaluation(toy_task, tiny_bert_dir, tmp_path):
     assert capped["dev"]["n"] == 10 and capped["test"]["n"] == 10
     with pytest.raises(TrainingError, match=r"--max-test must be positive.*got 0"):
         cfg(toy_task, tiny_bert_dir, tmp_path, max_test=0)
+
+
+def test_prompt_position_is_trained_and_recorded(toy_task, tiny_bert_dir, tmp_path):
+    """--prompt-position front trains the prompt before [CLS] (PEFT's placement) and the entry says so."""
+    from composer.train import prepare
+
+    c = cfg(toy_task, tiny_bert_dir, tmp_path, steps=2, eval_every=2, prompt_position="front", save="front")
+    assert not prepare(c).model.after_first
+    train(c, progress=False)
+    assert Library().meta("front")["position"] == "front"
+    train(cfg(toy_task, tiny_bert_dir, tmp_path, steps=2, eval_every=2, save="cls", run_dir=str(tmp_path / "r2")),
+          progress=False)
+    assert Library().meta("cls")["position"] == "after-cls"
+    with pytest.raises(TrainingError, match="unknown --prompt-position 'middle'"):
+        cfg(toy_task, tiny_bert_dir, tmp_path, prompt_position="middle")
