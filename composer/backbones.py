@@ -177,8 +177,13 @@ def load_backbone(
     try:
         config = AutoConfig.from_pretrained(where, **kwargs)
     except OSError as e:
-        hint = " (it is not cached locally; pass --allow-download to fetch it)" if not allow_download else ""
+        # prompt-composer never downloads from the command line: the model must be in the cache or a folder
+        hint = (f" (it is not in the local Hugging Face cache, and prompt-composer does not download: fetch it "
+                f"first with `hf download {where}`, or give a local folder)"
+                if not allow_download and not Path(where).exists() else "")
         raise BackboneError(f"cannot load backbone '{name}'{hint}: {str(e).splitlines()[0]}") from None
+    except ValueError as e:
+        raise BackboneError(_value_error(name, e, trust_remote_code)) from None
     fam = family or family_of(config)
     if fam not in FAMILIES:
         raise BackboneError(f"unknown family '{fam}': use one of {', '.join(FAMILIES)}")
@@ -191,7 +196,19 @@ def load_backbone(
         model = cls.from_pretrained(where, dtype=dtype, **kwargs)
     except OSError as e:
         raise BackboneError(f"cannot load backbone '{name}': {str(e).splitlines()[0]}") from None
+    except ValueError as e:
+        raise BackboneError(_value_error(name, e, trust_remote_code)) from None
     return wrap(model.to(where_to), tokenizer, name=name, family=fam, source=where)
+
+
+def _value_error(name: str, e: ValueError, trust_remote_code: bool) -> str:
+    """transformers' ValueError (a folder it cannot read, a model that needs its own code) as one line."""
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if "trust_remote_code" in str(e) and not trust_remote_code:
+        return (f"cannot load backbone '{name}': it needs code from its repository, and trust_remote_code is off "
+                "(prompt-composer runs no model code); read that code, then load it in Python with "
+                "load_backbone(name, trust_remote_code=True), or pick a backbone transformers supports natively")
+    return f"cannot load backbone '{name}': transformers cannot read it ({first})"
 
 
 def wrap(model: nn.Module, tokenizer, name: str, family: str | None = None, source: str = "") -> Backbone:

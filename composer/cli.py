@@ -690,7 +690,7 @@ def graph_link(ctx, graph_path, metric, top_k, targets, max_examples, data_dir, 
 
     if max_examples <= 0:
         raise click.ClickException(f"--max-examples must be a positive number of examples, got {max_examples}")
-    G = G_.load_graph(graph_path)
+    G = G_.check(G_.load_graph(graph_path))
     r = link_graph(G, _library(ctx), metric=metric, top_k=top_k, targets=list(targets) or None, data_dir=data_dir,
                    max_examples=max_examples, device=device)
     G_.save_graph(G, out)
@@ -777,9 +777,11 @@ def compose(ctx, plot, as_json, **settings):
       prompt-composer compose graphs/demo.yaml --target negated-polarity --strategy average --top-k 3 --metric cos-avg
       prompt-composer compose graphs/demo.yaml --target negated-polarity --strategy concat
     """
+    from composer import graph as G_
     from composer.compose import compose as run_compose
 
     cfg = ComposeConfig(**settings)
+    G_.check(G_.load_graph(cfg.graph))  # a cycle in part_of or a conflicting declaration: refused, not composed
     r = run_compose(cfg, library=_library(ctx))
     if plot and r.get("per_class"):
         from composer.plots import weights_per_class
@@ -823,6 +825,9 @@ def library_list(ctx, as_json):
                      "hidden_size": m.get("hidden_size"), "head": m.get("head"), "dev": dev,
                      "strategy": (m.get("provenance") or {}).get("strategy") or (m.get("provenance") or {}).get("init"),
                      "created": m.get("created")})
+    for n in lib.broken():  # shown, as a truncated prompt.json is, so that `rm` can be given its name
+        rows.append({"name": n, "error": f"broken: no prompt.json (remove it with `prompt-composer library rm {n}`)"})
+    rows.sort(key=lambda r: r["name"])
     if as_json:
         _emit({"library": str(lib.root), "prompts": rows}, True)
         return

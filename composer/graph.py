@@ -201,6 +201,8 @@ def validate(
             faults.append(f"node {n!r}: role {role!r} is not one of {', '.join(ROLES)}")
     for n, roles in (G.graph.get("declared_twice") or {}).items():
         faults.append(f"node {n!r} is declared twice with two roles: {' and '.join(map(str, roles))}")
+    for n, said in (G.graph.get("declared_differently") or {}).items():
+        faults.append(f"node {n!r} is declared twice, as {' and as '.join(said)}; keep one declaration")
     if task_exists is not None:
         for n, d in G.nodes(data=True):
             if d.get("role") is None:

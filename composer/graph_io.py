@@ -14,8 +14,9 @@ None). Edges point from the task that gives to the task that receives:
   edge without a metric), attributes ``relation="similar"``, ``weight`` (the
   similarity; higher = more similar) and ``metric``.
 
-Graph attributes: ``name``, ``backbone`` (or None), and ``declared_twice`` (faults in
-the YAML that a graph cannot hold: one node declared with two roles).
+Graph attributes: ``name``, ``backbone`` (or None), ``declared_twice`` and ``declared_differently``
+(faults in the YAML that a graph cannot hold: one node declared with two roles, or with one role and two
+prompts or tasks).
 
 A graph definition (graphs/NAME.yaml)::
 
@@ -189,6 +190,7 @@ def from_dict(data: Any, where: str = "graph") -> nx.MultiDiGraph:
     if data.get("description"):
         G.graph["description"] = str(data["description"])
     twice: dict[str, list[str]] = {}
+    differ: dict[str, list[str]] = {}
     for i, node in enumerate(nodes):
         if not isinstance(node, Mapping) or not isinstance(node.get("name"), str) or not node["name"]:
             raise _fail(where, f"nodes[{i}] must be a mapping with a string 'name', got {node!r}")
@@ -205,10 +207,16 @@ def from_dict(data: Any, where: str = "graph") -> nx.MultiDiGraph:
             prev = G.nodes[name]["role"]
             if prev != role:
                 twice.setdefault(name, [prev]).append(role)
+            else:
+                said = {k: G.nodes[name].get(k) for k in ("task", "prompt")}
+                if said != {k: attrs[k] for k in said}:  # same role, another prompt or task: one would be lost
+                    differ.setdefault(name, [_said(said)]).append(_said(attrs))
             continue  # the first declaration stands; validate() reports the conflict
         G.add_node(name, **attrs)
     if twice:
         G.graph["declared_twice"] = twice
+    if differ:
+        G.graph["declared_differently"] = differ
 
     for target, spec in decomposition.items():
         for order, (sub, weight) in enumerate(_decomposition_entries(where, str(target), spec)):
@@ -297,6 +305,11 @@ def _from_node_link(data: Any, where: str) -> nx.MultiDiGraph:
 
 
 # --- writing -------------------------------------------------------------------------
+
+
+def _said(attrs: dict) -> str:
+    """A node declaration as a fault line shows it: task 'x', prompt 'p'."""
+    return ", ".join(f"{k} {attrs.get(k)!r}" for k in ("task", "prompt"))
 
 
 def save_graph(G: nx.MultiDiGraph, path: str | os.PathLike) -> Path:

@@ -91,6 +91,14 @@ class Library:
         return sorted(p.name for p in self.root.iterdir()
                       if p.is_dir() and not p.name.startswith(".") and (p / META_FILE).exists())
 
+    def broken(self) -> list[str]:
+        """Entry folders without a prompt.json (a copy cut short, a hand-made folder): listed as broken,
+        removable with ``remove``; ``names`` leaves them out, so nothing else tries to read them."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")
+                      and not (p / META_FILE).exists())
+
     def exists(self, name: str) -> bool:
         return (self.root / check_name(name) / META_FILE).exists()
 
@@ -104,6 +112,9 @@ class Library:
     def _dir(self, name: str) -> Path:
         d = self.root / check_name(name)
         if not (d / META_FILE).exists():
+            if d.is_dir():
+                raise LibraryError(f"prompt '{name}' is broken: {d} has no {META_FILE}; remove it with "
+                                   f"`prompt-composer library rm {name}`")
             known = self.names()
             hint = f" (it has: {', '.join(known[:10])}{'...' if len(known) > 10 else ''})" if known else " (it is empty)"
             raise LibraryError(f"no prompt '{name}' in the library at {self.root}{hint}")
@@ -212,7 +223,10 @@ class Library:
         return final
 
     def remove(self, name: str) -> None:
-        d = self._dir(name)
+        d = self.root / check_name(name)
+        if not d.is_dir() or d.is_symlink():  # a broken entry (no prompt.json) is removed like a whole one
+            self._dir(name)  # the usual "no prompt ..." error
+            raise LibraryError(f"'{name}' in the library at {self.root} is not an entry folder; remove it by hand")
         with self._lock():
             trash = self.root / f".{name}.{uuid.uuid4().hex[:8]}.old"
             os.rename(d, trash)

@@ -96,6 +96,11 @@ def _read_delimited(path: Path, cfg: dict[str, Any]) -> list[dict[str, Any]]:
         rows = rows[1:]
         if cfg.get("columns"):
             names = list(cfg["columns"])
+        dup = next((n for n in names if names.count(n) > 1), None)
+        if dup is not None:  # dict(zip(...)) would keep the last silently
+            at = [i + 1 for i, n in enumerate(names) if n == dup]
+            raise TaskError(f"{path}: the header names column {dup!r} twice (columns {at[0]} and {at[1]}); "
+                            "rename one in the file, or name every column with `columns:` in the task's data")
     else:
         names = list(cfg["columns"])
     long = sum(len(r) > len(names) for r in rows)
@@ -145,9 +150,13 @@ def _read_jsonl(path: Path, cfg: dict[str, Any]) -> list[dict[str, Any]]:
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise TaskError(f"bad JSON on line {i} of {path}: {e.msg}; fix the line") from None
+            if not isinstance(row, dict):
+                raise TaskError(f"line {i} of {path} holds a JSON {type(row).__name__}, not an object; each line "
+                                "of a jsonl file is one record: {\"field\": value, ...}")
+            rows.append(row)
     return rows
 
 
@@ -164,6 +173,20 @@ def _read_folders(path: Path, cfg: dict[str, Any], label_field: str) -> list[dic
     return rows
 
 
+def _decode_error(path: Path, encoding: str, e: UnicodeDecodeError, split: str) -> str:
+    """Which byte of which file the declared encoding cannot read, and the field that fixes it."""
+    offset = e.start  # within the chunk a stream decoded: find the file's own offset when it is one file
+    if path.is_file():
+        try:
+            path.read_bytes().decode(_encoding(encoding))
+        except UnicodeDecodeError as whole:
+            offset, e = whole.start, whole
+    byte = e.object[e.start] if e.start < len(e.object) else None
+    shown = f"byte 0x{byte:02x}" if byte is not None else "a byte"
+    return (f"{path} (split '{split}') is not {encoding} text: {shown} at offset {offset} cannot be decoded; "
+            "set `encoding:` in the task's data (e.g. latin-1 or cp1252) to the file's encoding")
+
+
 def _data_path(rel: str, data_dir: Path | None) -> Path:
     p = Path(rel).expanduser()
     return p if p.is_absolute() else (data_dir or Path.cwd()) / p
@@ -178,18 +201,24 @@ def read_rows(spec: TaskSpec, split: str, data_dir: Path | None) -> tuple[list[d
         raise TaskError(f"data file {path} for split '{split}' of task {spec.name} not found ({where}); "
                         f"{DATA_HINT} to the folder that holds {cfg['path']}")
     fmt = cfg["format"]
-    if fmt in dialogue.READERS:
-        rows = dialogue.read(fmt, path, cfg.get("options"))
-    elif fmt in ("csv", "tsv"):
-        rows = _read_delimited(path, cfg)
-    elif fmt == "lines":
-        rows = _read_lines(path, cfg)
-    elif fmt == "json":
-        rows = _read_json(path, cfg)
-    elif fmt == "jsonl":
-        rows = _read_jsonl(path, cfg)
-    else:
-        rows = _read_folders(path, cfg, spec.label_field)
+    try:
+        if fmt in dialogue.READERS:
+            rows = dialogue.read(fmt, path, cfg.get("options"))
+        elif fmt in ("csv", "tsv"):
+            rows = _read_delimited(path, cfg)
+        elif fmt == "lines":
+            rows = _read_lines(path, cfg)
+        elif fmt == "json":
+            rows = _read_json(path, cfg)
+        elif fmt == "jsonl":
+            rows = _read_jsonl(path, cfg)
+        else:
+            rows = _read_folders(path, cfg, spec.label_field)
+    except UnicodeDecodeError as e:
+        raise TaskError(_decode_error(path, cfg.get("encoding") or "utf-8", e, split)) from None
+    except IsADirectoryError:
+        raise TaskError(f"data file {path} for split '{split}' of task {spec.name} is a folder; give a file "
+                        "(or `format: folders`)") from None
     fmap = cfg.get("field_map") or {}
     if fmap:
         rows = [{fmap.get(k, k): v for k, v in r.items()} for r in rows]

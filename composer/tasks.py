@@ -523,7 +523,14 @@ def _parse_yaml(text: str, where: str) -> dict[str, Any]:
 
 
 def _load_file(path: Path | Any, stem: str) -> TaskSpec:
-    data = _parse_yaml(path.read_text(encoding="utf-8"), str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise TaskError(f"task file {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                        f"{e.start}); save it as UTF-8 YAML") from None
+    except OSError as e:
+        raise TaskError(f"cannot read task file {path} ({e.strerror or e})") from None
+    data = _parse_yaml(text, str(path))
     name = data.get("name")
     if name is not None and name != stem:
         raise TaskError(f"task file {path} has name {name!r}; the name must equal the file stem {stem!r}")

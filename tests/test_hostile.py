@@ -315,14 +315,16 @@ def _fuzz_cases(tmp: Path) -> list[list[str]]:
     (data / "empty.csv").write_text("")
     (data / "rows.jsonl").write_text('[1, 2]\n"a string"\n')
     (data / "header.csv").write_text("text,label,text\na,1,b\n")
+    (data / "rows.json").write_text('{"not": "a list"}')
     specs = {
         "notyaml": "name: [unclosed",
         "alist": "- a\n- b\n",
         "empty": "",
         "binary": None,
     }
-    for fmt, f in (("csv", "latin1.csv"), ("csv", "binary.csv"), ("csv", "empty.csv"), ("jsonl", "rows.jsonl")):
-        n = f"data-{f.split('.')[0]}"
+    for fmt, f in (("csv", "latin1.csv"), ("csv", "binary.csv"), ("csv", "empty.csv"), ("jsonl", "rows.jsonl"),
+                   ("csv", "header.csv"), ("json", "rows.json"), ("tsv", "binary.csv"), ("lines", "binary.csv")):
+        n = f"data-{fmt}-{f.split('.')[0]}"
         specs[n] = (
             f"name: {n}\ndata:\n  source: files\n  format: {fmt}\n  splits: {{train: {data / f}, dev: {data / f}}}\n"
             "inputs: [text]\ntemplate: '{text}'\nlabel_field: label\nlabels: ['0', '1']\nmetric: accuracy\n")
@@ -331,7 +333,8 @@ def _fuzz_cases(tmp: Path) -> list[list[str]]:
         p = d / f"{n}.yaml"
         p.write_bytes(b"\x00\xff\xfe" * 20) if text is None else p.write_text(text)
         paths.append(p)
-    graphs = {"g-bad": "nodes: [unclosed", "g-list": "- x\n", "g-empty": "", "g-json": "{not json"}
+    graphs = {"g-bad": "nodes: [unclosed", "g-list": "- x\n", "g-empty": "", "g-json": "{not json", "g-cycle": CYCLE,
+              "g-nodes": "name: n\nnodes: 3\n"}
     gpaths = []
     for n, text in graphs.items():
         p = d / (f"{n}.json" if n == "g-json" else f"{n}.yaml")
@@ -339,7 +342,8 @@ def _fuzz_cases(tmp: Path) -> list[list[str]]:
         gpaths.append(p)
     cases = [["task", "show", str(p)] for p in paths if not p.name.startswith("data-")]
     cases += [["task", "check", str(p)] for p in paths]
-    cases += [["graph", "show", str(p)] for p in gpaths] + [["graph", "validate", str(p)] for p in gpaths]
+    cases += [["graph", "show", str(p)] for p in gpaths if "cycle" not in p.name]  # show draws any graph
+    cases += [["graph", "validate", str(p)] for p in gpaths]
     cases += [["compose", str(p), "--target", "t"] for p in gpaths]
     for name, _ in BAD_NAMES + [("a\nb", ""), ("\x00", ""), (" ", ""), ("ok", "")]:
         cases += [["library", "show", name], ["library", "rm", name], ["eval", name],
@@ -368,3 +372,107 @@ def test_fuzz_table_is_answered_in_one_line(tmp_path, in_tmp, monkeypatch):
                 assert "\n" not in r.stderr.strip(), (args, r.stderr)
         assert snapshot(lib.root) == before, args
     assert list(in_tmp.iterdir()) == []
+
+
+# -- 6. data, library, graphs, backbones -------------------------------------------------------------
+def _files_task(tmp: Path, name: str, fmt: str, text: bytes, encoding: str | None = None) -> Path:
+    data = tmp / f"{name}.{fmt}"
+    data.write_bytes(text)
+    enc = f"  encoding: {encoding}\n" if encoding else ""
+    spec = tmp / f"{name}.yaml"
+    spec.write_text(f"name: {name}\ndata:\n  source: files\n  format: {fmt}\n{enc}  splits: {{train: {data}}}\n"
+                    "inputs: [text]\ntemplate: '{text}'\nlabel_field: label\nlabels: ['0', '1']\n"
+                    "metric: accuracy\n")
+    return spec
+
+
+def test_duplicated_header_column_is_refused(tmp_path):
+    for fmt, sep in (("csv", ","), ("tsv", "\t")):
+        spec = _files_task(tmp_path, f"dup-{fmt}", fmt, sep.join(["text", "label", "text"]).encode() + b"\na" +
+                           sep.encode() + b"1" + sep.encode() + b"b\n")
+        err = one_line(run("task", "check", spec, ok=False))
+        assert "the header names column 'text' twice (columns 1 and 3)" in err and f"dup-{fmt}.{fmt}" in err
+
+
+def test_file_in_another_encoding_names_file_offset_and_field(tmp_path):
+    text = "text,label\n" + "plain,0\n" * 100 + "caf\xe9,1\n"
+    spec = _files_task(tmp_path, "latin", "csv", text.encode("latin-1"))
+    err = one_line(run("task", "check", spec, ok=False))
+    offset = len(("text,label\n" + "plain,0\n" * 100 + "caf").encode())
+    assert "latin.csv (split 'train') is not utf-8 text: byte 0xe9 at offset " + str(offset) in err
+    assert "set `encoding:`" in err
+    ok = _files_task(tmp_path, "latin2", "csv", text.encode("latin-1"), encoding="latin-1")
+    assert run("task", "check", ok).exit_code == 0  # the field the message names fixes it
+    yaml_file = tmp_path / "bin.yaml"
+    yaml_file.write_bytes(b"name: \xff\xfe\n")
+    assert "bin.yaml is not UTF-8 text (byte 0xff at offset 6)" in one_line(run("task", "show", yaml_file, ok=False))
+
+
+def test_jsonl_rows_of_the_wrong_type(tmp_path):
+    spec = _files_task(tmp_path, "rows", "jsonl", b'{"text": "a", "label": "1"}\n[1, 2]\n')
+    err = one_line(run("task", "check", spec, ok=False))
+    assert "line 2 of" in err and "holds a JSON list, not an object" in err
+
+
+def test_library_folder_without_prompt_json_is_a_broken_entry(lib_with_entries):
+    lib = lib_with_entries
+    ghost = lib.root / "ghost"
+    (ghost / "sub").mkdir(parents=True)
+    (ghost / "sub" / "x.bin").write_bytes(b"x")
+    rows = json.loads(run("--library", lib.root, "library", "list", "--json").stdout)["prompts"]
+    assert [r["name"] for r in rows] == ["a", "ghost", "b"] or [r["name"] for r in rows] == ["a", "b", "ghost"]
+    assert "broken: no prompt.json" in next(r for r in rows if r["name"] == "ghost")["error"]
+    assert "ghost" in run("--library", lib.root, "library", "list").stdout
+    err = one_line(run("--library", lib.root, "library", "show", "ghost", ok=False))
+    assert "prompt 'ghost' is broken" in err and "library rm ghost" in err
+    run("--library", lib.root, "library", "rm", "ghost")
+    assert not ghost.exists() and sorted(Library(lib.root).names()) == ["a", "b"]
+    assert "no prompt 'ghost'" in one_line(run("--library", lib.root, "library", "rm", "ghost", ok=False))
+
+
+CYCLE = """name: loop
+nodes:
+  - {name: a, role: target, prompt: pa}
+  - {name: b, role: subtask, prompt: pb}
+decomposition:
+  a: [b]
+  b: [a]
+"""
+
+
+def test_compose_link_and_multitask_check_the_graph(tmp_path, in_tmp, monkeypatch):
+    g = tmp_path / "loop.yaml"
+    g.write_text(CYCLE)
+    _no_work(monkeypatch)
+    for args in (["compose", g, "--target", "a", "--save", "x"], ["graph", "link", g, "--out", tmp_path / "o.json"],
+                 ["train", "--multitask", "--graph", g, "--steps", "1"]):
+        err = one_line(run(*args, ok=False))
+        assert "cycle in part_of" in err, args
+    assert not (tmp_path / "o.json").exists() and list(in_tmp.iterdir()) == []
+
+
+def test_node_declared_twice_with_different_prompts_is_a_fault(tmp_path):
+    g = tmp_path / "twice.yaml"
+    g.write_text("name: twice\nnodes:\n  - {name: a, role: source, prompt: p1}\n  - {name: a, role: source, "
+                 "prompt: p2}\n  - {name: t, role: target}\nsimilar: []\n")
+    r = run("graph", "validate", g, "--no-prompts", ok=False)
+    assert r.exit_code == 1 and "node 'a' is declared twice, as task 'a', prompt 'p1' and as task 'a', prompt 'p2'" \
+        in r.stderr
+
+
+def test_backbone_hints_name_the_fix(tmp_path):
+    from composer.backbones import load_backbone
+    from composer.errors import BackboneError
+
+    with pytest.raises(BackboneError, match=r"not in the local Hugging Face cache.*hf download someorg/uncached"):
+        load_backbone("someorg/uncached")
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    with pytest.raises(BackboneError, match="transformers cannot read it"):
+        load_backbone(str(odd))
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    (remote / "config.json").write_text('{"model_type": "custom-x", "auto_map": {"AutoConfig": "c.XConfig"}}')
+    with pytest.raises(BackboneError, match="trust_remote_code is off"):
+        load_backbone(str(remote))
