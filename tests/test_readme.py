@@ -53,8 +53,8 @@ def _subcommand(argv: list[str]) -> str:
 
 
 def _heavy(argv: list[str]) -> bool:
-    """A command left to the slow run: a second backbone, or training/generation on real data."""
-    return "smollm2-135m" in argv or (argv[1] in {"train", "generate"} and "--data-dir" in argv)
+    """A command left to the slow run: a second backbone, or work on real data (checking it is quick)."""
+    return "smollm2-135m" in argv or ("--data-dir" in argv and argv[1:3] != ["task", "check"])
 
 
 def _value(argv: list[str], flag: str) -> str | None:
