@@ -380,8 +380,19 @@ def train(ctx, resume, multitask, plot, quiet, as_json, **settings):
         cfg_file = Path(resume) / "config.json"
         if not cfg_file.exists():
             raise click.ClickException(f"--resume {resume}: no config.json there; is it a run folder?")
-        resumed = json.loads(cfg_file.read_text())
-        extra = [flag[k] for k in settings if ctx.get_parameter_source(k) is click.core.ParameterSource.COMMANDLINE]
+        try:
+            resumed = json.loads(cfg_file.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as e:
+            raise click.ClickException(f"--resume {resume}: {cfg_file} cannot be read as JSON "
+                                       f"({str(e).splitlines()[0]}); it is not a run's config.json") from None
+        if not isinstance(resumed, dict):
+            raise click.ClickException(f"--resume {resume}: {cfg_file} holds {type(resumed).__name__}, not a "
+                                       "run's settings")
+        # a run that trained but could not save is saved under a new name: --resume RUN --save NAME
+        renames = {k for k in ("save", "save_prefix") if ctx.get_parameter_source(k) is
+                   click.core.ParameterSource.COMMANDLINE}
+        extra = [flag[k] for k in settings if ctx.get_parameter_source(k) is click.core.ParameterSource.COMMANDLINE
+                 and k not in renames]
         if extra:
             raise click.UsageError(f"--resume {resume} goes on with the run's own settings (its config.json); "
                                    f"drop {', '.join(extra)}")
@@ -396,7 +407,7 @@ def train(ctx, resume, multitask, plot, quiet, as_json, **settings):
             hint = " (each task's prompt is saved with --save-prefix PREFIX)" if "--save" in stray else ""
             raise click.UsageError(f"{', '.join(stray)} does not apply to a multitask run{hint}")
         if resumed is not None:
-            mcfg = MultiTaskConfig.from_dict(resumed, where=f"--resume {resume}")
+            mcfg = MultiTaskConfig.from_dict(resumed | {k: settings[k] for k in renames}, where=f"--resume {resume}")
         else:
             # options left at the command's defaults (TrainConfig's) give way to MultiTaskConfig's
             mcfg = MultiTaskConfig(**{k: v for k, v in settings.items() if given(k)})
@@ -417,7 +428,7 @@ def train(ctx, resume, multitask, plot, quiet, as_json, **settings):
         hint = "; the label-similarity head's temperature is --label-temperature" if "--temperature" in stray else ""
         raise click.UsageError(f"{', '.join(stray)} applies to --multitask runs only{hint}")
     if resumed is not None:
-        cfg = TrainConfig.from_dict(resumed, where=f"--resume {resume}")
+        cfg = TrainConfig.from_dict(resumed | {k: settings[k] for k in renames}, where=f"--resume {resume}")
     else:
         if not settings["task"]:
             raise click.UsageError("give a TASK (or --resume RUN_DIR)")
@@ -781,7 +792,12 @@ def compose(ctx, plot, as_json, **settings):
     from composer.compose import compose as run_compose
 
     cfg = ComposeConfig(**settings)
-    G_.check(G_.load_graph(cfg.graph))  # a cycle in part_of or a conflicting declaration: refused, not composed
+    try:
+        G = G_.load_graph(cfg.graph)
+    except ComposerError:
+        G = None  # unreadable or missing: compose itself says so
+    if G is not None:
+        G_.check(G)  # a cycle in part_of or a conflicting declaration: refused, not composed
     r = run_compose(cfg, library=_library(ctx))
     if plot and r.get("per_class"):
         from composer.plots import weights_per_class

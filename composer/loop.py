@@ -170,7 +170,14 @@ def check_resume(run_dir: Path, cfg: TuningConfig, keys: tuple[str, ...]) -> Non
     cfile = run_dir / "config.json"
     if not cfile.exists():
         raise TrainingError(f"--resume {run_dir}: no config.json there; is it a run folder?")
-    old = type(cfg)._upgrade(json.loads(cfile.read_text()))
+    try:
+        old = json.loads(cfile.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        raise TrainingError(f"--resume {run_dir}: {cfile} cannot be read as JSON ({str(e).splitlines()[0]}); "
+                            "it is not a run's config.json") from None
+    if not isinstance(old, dict):
+        raise TrainingError(f"--resume {run_dir}: {cfile} holds {type(old).__name__}, not a run's settings")
+    old = type(cfg)._upgrade(old)
     multitask = "tasks" in keys
     if multitask and "tasks" not in old:
         raise TrainingError(f"--resume {run_dir}: that is a single-task run ('{old.get('task')}'); resume it "

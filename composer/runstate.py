@@ -134,11 +134,26 @@ def _write_or_fail(path: Path, write) -> None:
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    load_trainable(model, load_file(str(path / "trainable.safetensors")))
-    opt = torch.load(path / "optimizer.pt", weights_only=True)
-    optimizer.load_state_dict(opt["optimizer"])
-    scheduler.load_state_dict(opt["scheduler"])
-    return json.loads((path / "state.json").read_text())
+    """The checkpoint's tensors into ``model``, its optimizer and schedule state; -> its state.json. A file
+    cut short or overwritten is one TrainingError naming it (no pickle: optimizer.pt loads weights_only)."""
+    what = path / "trainable.safetensors"
+    try:
+        load_trainable(model, load_file(str(what)))
+        what = path / "optimizer.pt"
+        opt = torch.load(what, weights_only=True)
+        optimizer.load_state_dict(opt["optimizer"])
+        scheduler.load_state_dict(opt["scheduler"])
+        what = path / "state.json"
+        state = json.loads(what.read_text(encoding="utf-8"))
+        if not isinstance(state, dict) or "step" not in state:
+            raise ValueError("no step in it")
+    except TrainingError:
+        raise
+    except Exception as e:  # SafetensorError, pickle.UnpicklingError, KeyError, JSONDecodeError, OSError...
+        raise TrainingError(f"the checkpoint in {path} cannot be resumed: {what.name} is truncated or corrupted "
+                            f"({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); remove {path} and resume to "
+                            "train again from step 0, or start a new run") from None
+    return state
 
 
 # -- data order over several tasks ---------------------------------------------------------

@@ -24,7 +24,7 @@ from composer.attention import distill_over
 from composer.backbones import Backbone, load_backbone
 from composer.config import TrainConfig
 from composer.encoding import Encoded
-from composer.errors import ComposerError
+from composer.errors import ComposerError, TrainingError
 from composer.evaluate import evaluate
 from composer.heads import resolve_head
 from composer.library import Library
@@ -174,7 +174,13 @@ def _train(cfg: TrainConfig, run: RunFolder, prepared: Prepared | None, resume, 
         result["test"] = evaluate(core, prep.spec, prep.test.subset(cfg.max_test, cfg.seed), cfg.eval_batch_size,
                                   acc.device, acc.autocast)
     if cfg.save and acc.is_main_process:
-        save_to_library(library or Library(), cfg.save, core, prep, cfg, result)
+        try:
+            save_to_library(library or Library(), cfg.save, core, prep, cfg, result)
+        except (ComposerError, OSError) as e:  # the training is not lost: the run folder holds it whole
+            run.write_result(result)
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise TrainingError(f"trained, but could not save '{cfg.save}' ({why}); the run is whole in {run_dir}: "
+                                f"save it with `prompt-composer train --resume {run_dir} --save NAME`") from None
         result["saved"] = cfg.save
     run.write_result(result)
     return result

@@ -476,3 +476,36 @@ def test_backbone_hints_name_the_fix(tmp_path):
     (remote / "config.json").write_text('{"model_type": "custom-x", "auto_map": {"AutoConfig": "c.XConfig"}}')
     with pytest.raises(BackboneError, match="trust_remote_code is off"):
         load_backbone(str(remote))
+
+
+# -- resume: a run that could not save, and run files that are not what they should be ------------------
+def test_a_run_that_could_not_save_is_saved_by_resume_with_a_new_name(toy_task, tiny_bert_dir, tmp_path, in_tmp,
+                                                                      monkeypatch):
+    import composer.train as T
+
+    real = T.save_to_library
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(T, "save_to_library", full_disk)
+    err = one_line(run("train", toy_task, "--model", tiny_bert_dir, "--save", "first", *TINY, ok=False))
+    assert "trained, but could not save 'first' ([Errno 28] No space left on device)" in err
+    assert "--resume runs/first --save NAME" in err
+    monkeypatch.setattr(T, "save_to_library", real)
+    res = json.loads(run("train", "--resume", in_tmp / "runs" / "first", "--save", "second", "--quiet",
+                         "--json").stdout)
+    assert res["saved"] == "second" and res["steps"] == 2 and Library().names() == ["second"]
+    err = one_line(run("train", "--resume", in_tmp / "runs" / "first", "--save", "../x", ok=False))
+    assert "bad --save '../x'" in err
+
+
+def test_resume_from_broken_run_files_is_one_line(toy_task, tiny_bert_dir, in_tmp):
+    run("train", toy_task, "--model", tiny_bert_dir, "--save", "r", *TINY)
+    folder = in_tmp / "runs" / "r"
+    ckpt = folder / "checkpoint" / "trainable.safetensors"
+    ckpt.write_bytes(ckpt.read_bytes()[:20])
+    err = one_line(run("train", "--resume", folder, "--quiet", ok=False))
+    assert "trainable.safetensors is truncated or corrupted" in err and str(folder / "checkpoint") in err
+    (folder / "config.json").write_text("{not json")
+    assert "cannot be read as JSON" in one_line(run("train", "--resume", folder, ok=False))
