@@ -792,12 +792,6 @@ def compose(ctx, plot, as_json, **settings):
     from composer.compose import compose as run_compose
 
     cfg = ComposeConfig(**settings)
-    try:
-        G = G_.load_graph(cfg.graph)
-    except ComposerError:
-        G = None  # unreadable or missing: compose itself says so
-    if G is not None:
-        G_.check(G)  # a cycle in part_of or a conflicting declaration: refused, not composed
     r = run_compose(cfg, library=_library(ctx))
     if plot and r.get("per_class"):
         from composer.plots import weights_per_class

@@ -129,7 +129,7 @@ def _few_shot(spec, backbone: Backbone, shots: int, seed: int, data_dir) -> Enco
 def compose(cfg: ComposeConfig, library: Library | None = None, backbone: Backbone | None = None) -> dict:
     """Compose the target's prompt; save it (cfg.save) and write the weights onto the graph (cfg.out_graph)."""
     library = library or Library()
-    G = G_.load_graph(cfg.graph)
+    G = G_.check(G_.load_graph(cfg.graph))  # a cycle in part_of or a conflicting declaration: refused
     cands = candidates(G, cfg.target, library, cfg.metric, cfg.top_k, cfg.strategy,
                        backbone=cfg.backbone or G.graph.get("backbone"))
     names = [c.node for c in cands]
