@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out-md")
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
-    t0 = time.time()
+    t0, commit = time.time(), git_commit()  # the code that runs is the code at the start
     rows = []
     for task in args.tasks.split(","):
         for seed in seeds:
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
             rows.append((task, seed, recs))
             print(f"{task} seed {seed}: " + ", ".join(f"{p} dev {r['dev']:.3f} test {r['test']:.3f}"
                                                       for p, r in recs.items()), file=sys.stderr)
-    lines = [f"Commit {git_commit()}, {cpu_label(cpu_model(), cpu_isa())}, {os.cpu_count()} cores; backbone "
+    lines = [f"Commit {commit}, {cpu_label(cpu_model(), cpu_isa())}, {os.cpu_count()} cores; backbone "
              f"{args.model} frozen, input-level prompt of 20 tokens, {args.steps} steps, batch {args.batch_size}, "
              f"lr {args.lr}, dev every {args.eval_every} on {args.max_eval} dev examples (the best checkpoint is "
              f"kept), test on at most {args.max_test}; {time.time() - t0:.0f} s.", "",
