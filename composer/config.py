@@ -150,6 +150,9 @@ class TuningConfig(_Config):
     eval_every: int = opt(50, "Steps between dev evaluations.")
     eval_batch_size: int = opt(64, "Batch size of evaluation.")
     max_eval: int | None = opt(1000, "Dev examples used during training (a fixed, seeded subset).")
+    max_test: int | None = opt(None, "Examples of the final dev and test evaluation, per task (a fixed, seeded subset; "
+                                     "default: the whole splits). A generation task decodes each one: cap it "
+                                     "on a CPU.")
     patience: int = opt(0, "Stop after this many evaluations without improvement (0: never).")
     checkpoint_every: int | None = opt(None, "Steps between checkpoints (default: --eval-every).")
     seed: int = opt(0, "Seeds the init, the batches and dropout.")
@@ -189,6 +192,9 @@ class TuningConfig(_Config):
         if self.max_eval is not None and self.max_eval <= 0:
             raise TrainingError(f"--max-eval must be positive (dev examples evaluated during training), got "
                                 f"{self.max_eval}")
+        if self.max_test is not None and self.max_test <= 0:
+            raise TrainingError(f"--max-test must be positive (examples of the final evaluation), got {self.max_test}; "
+                                "drop it to evaluate the whole dev and test splits")
         if self.k_shot is not None and self.k_shot <= 0:
             raise TrainingError(f"--k-shot must be positive (training examples per class), got {self.k_shot}; "
                                 "drop it to train on the whole train split")
@@ -221,9 +227,6 @@ class TrainConfig(TuningConfig):
                                             "([CLS] prompt text) | front (prompt [CLS] text, PEFT's placement: "
                                             "its PromptTuning export gives the same outputs). Other backbones: "
                                             "always in front.", choices=POSITIONS)
-    max_test: int | None = opt(None, "Examples of the final dev and test evaluation (a fixed, seeded subset; "
-                                     "default: the whole splits). A generation task decodes each one: cap it "
-                                     "on a CPU.")
 
     @classmethod
     def _upgrade(cls, d: dict) -> dict:
@@ -238,9 +241,6 @@ class TrainConfig(TuningConfig):
             raise TrainingError("a single-task run needs a backbone: give --model (e.g. minilm)")
         if self.prompt_position not in POSITIONS:
             raise TrainingError(f"unknown --prompt-position {self.prompt_position!r}: use one of {', '.join(POSITIONS)}")
-        if self.max_test is not None and self.max_test <= 0:
-            raise TrainingError(f"--max-test must be positive (examples of the final evaluation), got {self.max_test}; "
-                                "drop it to evaluate the whole dev and test splits")
         super().__post_init__()
 
 

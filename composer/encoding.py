@@ -10,6 +10,7 @@ lives in composer/templates.py (no torch: composer.tasks validates templates wit
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,8 @@ import torch
 
 from composer.errors import TaskError
 from composer.templates import TemplateError, parse_template, render, template_fields  # noqa: F401 (re-exported)
+
+log = logging.getLogger(__name__)
 
 
 def _n_tail_special(tokenizer, ids: list[int]) -> int:
@@ -105,6 +108,8 @@ class Encoded:
 
     def subset(self, n: int | None, seed: int) -> "Encoded":
         """At most ``n`` rows, a seeded subset in the split's order (``self`` when it has no more than n)."""
+        if n is not None and n < 0:
+            raise ValueError(f"a subset of {n} rows: give a count >= 0 (or None for all)")
         if n is None or len(self) <= n:
             return self
         g = torch.Generator().manual_seed(seed)
@@ -116,12 +121,33 @@ def encode_split(spec, ds, tokenizer) -> Encoded:
     rows = ds.to_list() if hasattr(ds, "to_list") else list(ds)
     if not rows:
         raise TaskError(f"task '{spec.name}': the split is empty")
+    check_room(spec, tokenizer)
     ids = encode_rows(tokenizer, spec.template, rows, spec.max_length)
     if getattr(spec, "is_generation", False):
         return _encode_targets(spec, rows, ids, tokenizer)
     labels = torch.tensor([int(r["label"]) for r in rows], dtype=torch.long)
     scores = torch.tensor([float(r["score"]) for r in rows]) if "score" in rows[0] else None
     return Encoded(ids=ids, labels=labels, scores=scores)
+
+
+def template_length(tokenizer, template: str) -> int:
+    """Tokens the template takes with every field empty (its literal text and the special tokens)."""
+    return len(tokenizer(render(template, {f: "" for f in template_fields(template)}),
+                         add_special_tokens=True)["input_ids"])
+
+
+def check_room(spec, tokenizer) -> None:
+    """Refuse a task whose max_length leaves no token for its input fields (every row would encode to the
+    template and special tokens only, and train at chance); warn when only a few tokens are left."""
+    if not template_fields(spec.template):
+        return
+    used, n = template_length(tokenizer, spec.template), spec.max_length
+    if n - used <= 0:
+        raise TaskError(f"task '{spec.name}': max_length {n} leaves no room for the input: the template and "
+                        f"special tokens alone take {used} tokens; raise max_length (or shorten the template)")
+    if n - used < 8:
+        log.warning("task %s: max_length %d leaves %d tokens for the input fields (the template takes %d); "
+                    "most rows will be cut to a few words", spec.name, n, n - used, used)
 
 
 def eos_id(tokenizer) -> int | None:

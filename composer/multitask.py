@@ -304,9 +304,11 @@ def _train_multitask(cfg: MultiTaskConfig, run: RunFolder, library: Library, pro
         prep, view = mp.tasks[k], core.view(k)
         r = {"best_step": state["best_step"].get(k), "metric": prep.spec.metric,
              "initial": (state.get("initial") or {}).get(k),
-             "dev": evaluate(view, prep.spec, prep.dev, cfg.eval_batch_size, acc.device, acc.autocast)}
+             "dev": evaluate(view, prep.spec, prep.dev.subset(cfg.max_test, cfg.seed), cfg.eval_batch_size,
+                                acc.device, acc.autocast)}
         if prep.test is not None:
-            r["test"] = evaluate(view, prep.spec, prep.test, cfg.eval_batch_size, acc.device, acc.autocast)
+            r["test"] = evaluate(view, prep.spec, prep.test.subset(cfg.max_test, cfg.seed), cfg.eval_batch_size,
+                                 acc.device, acc.autocast)
         if cfg.save_prefix and acc.is_main_process:
             name = f"{cfg.save_prefix}{k}"
             save_to_library(library, name, view, prep, cfg, r)

@@ -149,3 +149,29 @@ def test_encode_rows_matches_encode_row(tokenizer):
     assert all(len(x) <= 32 for x in batched)
     assert batched[0] == tokenizer(render(TEMPLATE, rows[0]))["input_ids"]
     assert encode_rows(tokenizer, TEMPLATE, [], 32) == []
+
+
+def test_a_max_length_with_no_room_for_the_text_is_refused(tokenizer):
+    """A max_length the template alone fills would encode every row to the template: one line, before training."""
+    from composer.encoding import encode_split
+
+    rows = [{"sentence": words(12), "label": 0}, {"sentence": words(5), "label": 1}]
+    long_template = "Read this and then answer the question that follows it: {sentence} Answer:"
+    with pytest.raises(TaskError) as e:
+        encode_split(spec(template=long_template, max_length=8), rows, tokenizer)
+    msg = one_line(e)
+    assert "max_length 8 leaves no room for the input" in msg and "raise max_length" in msg
+    enc = encode_split(spec(template="{sentence}", max_length=8), rows, tokenizer)  # room: it is cut, not refused
+    assert max(len(x) for x in enc.ids) <= 8
+    assert tokenizer.decode(enc.ids[0], skip_special_tokens=True).startswith("the quick")
+
+
+def test_little_room_for_the_text_warns(tokenizer, caplog):
+    from composer.encoding import encode_split, template_length
+
+    template = "Read this and answer: {sentence} Answer:"
+    n = template_length(tokenizer, template) + 3
+    with caplog.at_level("WARNING", logger="composer.encoding"):
+        enc = encode_split(spec(template=template, max_length=n), [{"sentence": words(12), "label": 0}], tokenizer)
+    assert "leaves 3 tokens for the input fields" in caplog.text
+    assert len(enc.ids[0]) <= n and "the" in tokenizer.decode(enc.ids[0], skip_special_tokens=True)

@@ -205,6 +205,19 @@ def test_train_keeps_a_best_checkpoint_and_library_entry_per_task(tasks, tiny_be
     assert lib.load("mt-toy3").extra("head") is not None  # the linear head is kept beside its prompt
 
 
+def test_max_test_caps_each_tasks_final_evaluation(tasks, tiny_bert_dir, tmp_path):
+    """--max-test evaluates a seeded subset of each task's dev and test splits at the end of a multitask run."""
+    whole = train_multitask(mcfg(tasks, tiny_bert_dir, tmp_path, steps=3, run_dir=str(tmp_path / "w")),
+                            progress=False)
+    capped = train_multitask(mcfg(tasks, tiny_bert_dir, tmp_path, steps=3, max_test=5, run_dir=str(tmp_path / "c")),
+                             progress=False)
+    for t in ("toy", "toy3"):
+        assert whole["per_task"][t]["dev"]["n"] > 5 and whole["per_task"][t]["test"]["n"] > 5
+        assert capped["per_task"][t]["dev"]["n"] == 5 and capped["per_task"][t]["test"]["n"] == 5
+    with pytest.raises(TrainingError, match=r"--max-test must be positive.*got -1"):
+        mcfg(tasks, tiny_bert_dir, tmp_path, max_test=-1)
+
+
 def test_interrupt_then_resume_equals_uninterrupted(tasks, tiny_bert_dir, tmp_path, monkeypatch):
     train_multitask(mcfg(tasks, tiny_bert_dir, tmp_path, run_dir=str(tmp_path / "full")), progress=False)
     calls, real = {"n": 0}, M.shard

@@ -26,7 +26,7 @@ README = ROOT / "README.md"
 # Appended to a command, by its subcommand: what makes the walk-through run in seconds.
 BUDGET = {
     "train": ["--steps", "2", "--eval-every", "2", "--max-eval", "16", "--max-test", "16"],
-    "train --multitask": ["--steps", "2", "--eval-every", "2", "--max-eval", "16"],
+    "train --multitask": ["--steps", "2", "--eval-every", "2", "--max-eval", "16", "--max-test", "16"],
     "eval": ["--max-examples", "8"],
     "graph link": ["--max-examples", "16"],
     "generate": ["--max-new-tokens", "8"],
