@@ -545,7 +545,8 @@ def eval_cmd(ctx, name, task_name, model, split, head, max_examples, data_dir, m
 @cli.command()
 @click.argument("name")
 @click.option("--input", "inputs", multiple=True, required=True,
-              help="The input text (the task template's first input field); repeat for a batch.")
+              help="One input: its text (a task with one input field), or a JSON object of the task's fields "
+                   "('{\"context\": \"...\", \"question\": \"...\"}'); repeat for a batch.")
 @click.option("--task", "task_name", help="Task whose template frames the input (default: the prompt's own).")
 @click.option("--model", help="Backbone (default: the one the prompt was trained on).")
 @click.option("--max-new-tokens", type=int, help="Default: the task's max_target_length.")
@@ -560,6 +561,7 @@ def generate(ctx, name, inputs, task_name, model, max_new_tokens, num_beams, dev
     Examples:
       prompt-composer generate e2e-smol --input "name[The Eagle], food[French], area[riverside]"
       prompt-composer generate e2e-smol --input "name[Alimentum]" --input "name[Zizzi]" --num-beams 4 --json
+      prompt-composer generate qa-smol --input '{"context": "The Eagle is by the river.", "question": "Where?"}'
     """
     from composer.backbones import load_backbone
     from composer.encoding import encode_rows, eos_id, pad_batch
@@ -573,17 +575,44 @@ def generate(ctx, name, inputs, task_name, model, max_new_tokens, num_beams, dev
         raise click.ClickException(f"task '{spec.name}' is not a generation task; use `prompt-composer eval`")
     bb = load_backbone(model or entry.meta["backbone"], device=device)
     pm = from_library(entry, bb, spec).eval()
-    field = spec.inputs[0]
-    rows = [{f: (text if f == field else "") for f in spec.inputs} for text in inputs]
+    rows = [_input_row(spec, text) for text in inputs]
     ids, mask = pad_batch(encode_rows(bb.tokenizer, spec.template, rows, spec.max_length), bb.tokenizer.pad_token_id)
     new = pm.generate(ids.to(pm.device), mask.to(pm.device), max_new_tokens=max_new_tokens or spec.max_target_length,
-                      num_beams=num_beams)
+                      num_beams=num_beams, stop=spec.stop)
     eos, texts = eos_id(bb.tokenizer), []
     for row in new.tolist():
         row = row[: row.index(eos)] if eos in row else row
         texts.append(cut_at_stop(bb.tokenizer.decode(row, skip_special_tokens=True), spec.stop))
     _emit({"prompt": name, "task": spec.name, "inputs": list(inputs), "generations": texts}, as_json,
           "\n".join(texts))
+
+
+def _input_row(spec, text: str) -> dict[str, str]:
+    """One --input as a row of the fields the task's template reads: a JSON object of them, or the text of a
+    one-field template (the other input fields, which only the target may name, stay empty)."""
+    from composer.templates import template_fields
+
+    fields = list(template_fields(spec.template))
+    if text.lstrip().startswith("{"):
+        try:
+            row = json.loads(text)
+        except ValueError as e:
+            raise click.BadParameter(f"{text[:60]!r} starts like JSON but does not parse ({e})",
+                                     param_hint="--input") from None
+        if not isinstance(row, dict):
+            raise click.BadParameter("a JSON input must be an object of the task's fields", param_hint="--input")
+        unknown, missing = sorted(set(row) - set(fields)), [f for f in fields if f not in row]
+        if unknown or missing:
+            wrong = [f"{what}: {', '.join(names)}" for what, names in (("unknown", unknown), ("missing", missing))
+                     if names]
+            raise click.BadParameter(f"task '{spec.name}' takes the fields {', '.join(fields)} ({'; '.join(wrong)})",
+                                     param_hint="--input")
+        return {f: str(row.get(f, "")) for f in spec.inputs}
+    if len(fields) > 1:
+        example = json.dumps({f: "..." for f in fields})
+        raise click.BadParameter(f"task '{spec.name}' takes {len(fields)} input fields ({', '.join(fields)}): give "
+                                 f"each --input as a JSON object, e.g. '{example}'", param_hint="--input")
+    return {f: (text if f in fields else "") for f in spec.inputs}
 
 
 # --------------------------------------------------------------------------------------------- graph

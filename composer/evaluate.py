@@ -78,7 +78,7 @@ def generate_texts(pm, spec, enc: Encoded, batch_size: int = 32, device=None, au
             with ctx:
                 if enc.targets is not None:
                     nll[idx] = pm(ids, mask, targets=b["targets"].to(device)).float().cpu()
-                new = pm.generate(ids, mask, max_new_tokens=m, num_beams=num_beams)
+                new = pm.generate(ids, mask, max_new_tokens=m, num_beams=num_beams, stop=getattr(spec, "stop", None))
             eos = eos_id(tok)
             for i, row in zip(idx, new.tolist()):
                 if eos in row:

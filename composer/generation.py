@@ -53,30 +53,44 @@ def target_nll(pm, embeds: torch.Tensor, mask: torch.Tensor, targets: torch.Tens
 
 @torch.no_grad()
 def decode(pm, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int = 64,
-           num_beams: int = 1, use_cache: bool = True, prompt: torch.Tensor | None = None) -> torch.Tensor:
-    """New tokens [B, N] (rows that end early are filled with EOS). Greedy with ``num_beams`` 1."""
+           num_beams: int = 1, use_cache: bool = True, prompt: torch.Tensor | None = None,
+           stop: list[str] | None = None) -> torch.Tensor:
+    """New tokens [B, N] (rows that end early are filled with EOS). Greedy with ``num_beams`` 1.
+
+    A row (a beam) also ends once its decoded text holds one of the ``stop`` strings, so decoding stops when
+    every row has; the text after the stop string is still there to cut (cut_at_stop)."""
     if max_new_tokens < 1 or num_beams < 1:
         raise ComposerError(f"--max-new-tokens and --num-beams must be >= 1, got {max_new_tokens}, {num_beams}")
     if pm.family == "encoder":
         raise ComposerError(f"generation needs a decoder or an encoder-decoder, and '{pm.backbone.name}' is an "
                             "encoder: use --model smollm2-135m (or another decoder / encoder-decoder)")
     if pm.family == "encoder-decoder":
-        return _seq2seq(pm, input_ids, attention_mask, max_new_tokens, num_beams, use_cache, prompt)
-    return _decoder(pm, input_ids, attention_mask, max_new_tokens, num_beams, use_cache, prompt)
+        return _seq2seq(pm, input_ids, attention_mask, max_new_tokens, num_beams, use_cache, prompt, stop)
+    return _decoder(pm, input_ids, attention_mask, max_new_tokens, num_beams, use_cache, prompt, stop)
 
 
-def _seq2seq(pm, input_ids, attention_mask, max_new_tokens, num_beams, use_cache, prompt):
+def _seq2seq(pm, input_ids, attention_mask, max_new_tokens, num_beams, use_cache, prompt, stop=None):
     embeds, mask, _, prefix = pm.prompted(input_ids, attention_mask, prompt)
     if prefix is not None:
         raise ComposerError("generation with a prefix on an encoder-decoder is not supported yet; use --kind "
                             "prompt there (decoders generate with either kind)")
+    kw = {"stop_strings": list(stop), "tokenizer": pm.backbone.tokenizer} if stop else {}
     out = pm.network.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
-                              do_sample=False, use_cache=use_cache, num_beams=num_beams)
+                              do_sample=False, use_cache=use_cache, num_beams=num_beams, **kw)
     start = pm.network.config.decoder_start_token_id
     return out[:, 1:] if out.shape[1] and (out[:, 0] == start).all() else out
 
 
-def _decoder(pm, input_ids, attention_mask, max_new_tokens, num_beams, use_cache, prompt):
+def _stopped(tokenizer, tokens: torch.Tensor, done: torch.Tensor, stop: list[str]) -> torch.Tensor:
+    """done, and also every row whose decoded tokens hold a stop string."""
+    out = done.clone()
+    for n in (~done).nonzero().flatten().tolist():
+        text = tokenizer.decode(tokens[n].tolist(), skip_special_tokens=True)
+        out[n] = any(s in text for s in stop)
+    return out
+
+
+def _decoder(pm, input_ids, attention_mask, max_new_tokens, num_beams, use_cache, prompt, stop=None):
     """An explicit loop over the decoder: left-align the rows, put the prompt (or prefix) in front, then one
     token a step for every beam of every row."""
     eos = eos_id(pm.backbone.tokenizer)
@@ -128,6 +142,8 @@ def _decoder(pm, input_ids, attention_mask, max_new_tokens, num_beams, use_cache
         tokens = torch.cat([tokens, nxt[:, None]], 1)
         if eos is not None:
             done = done | (nxt == eos)
+            if stop:
+                done = _stopped(pm.backbone.tokenizer, tokens, done, stop)
         step_embeds = pm.embed(nxt[:, None])  # [N, 1, H]
         embeds = torch.cat([embeds, step_embeds], 1)
         mask = torch.cat([mask, mask.new_ones(N, 1)], 1)

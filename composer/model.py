@@ -182,14 +182,15 @@ class PromptedModel(nn.Module):
 
     # -- generation -------------------------------------------------------------------------
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int = 20,
-                 use_cache: bool = True, prompt: torch.Tensor | None = None, num_beams: int = 1) -> torch.Tensor:
+                 use_cache: bool = True, prompt: torch.Tensor | None = None, num_beams: int = 1,
+                 stop: list[str] | None = None) -> torch.Tensor:
         """New tokens [B, N] with the prompt (or prefix) in front (composer/generation.py).
 
         The prompt is part of the context at every step whether the cache is on or off (the
         PEFT pitfall: a cache-less loop that re-feeds only token ids silently drops it).
         """
         with attention_kernels(input_ids.device):
-            return decode(self, input_ids, attention_mask, max_new_tokens, num_beams, use_cache, prompt)
+            return decode(self, input_ids, attention_mask, max_new_tokens, num_beams, use_cache, prompt, stop)
 
 
 class MultiTaskModel(nn.Module):

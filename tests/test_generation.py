@@ -111,6 +111,28 @@ def test_batched_decoding_equals_one_row_at_a_time_and_the_cache_does_not_matter
         assert torch.equal(both[r, : alone.shape[1]], alone[0])
 
 
+def test_a_stop_string_ends_decoding_and_leaves_the_text_before_it(tokenizer):
+    """Decoding stops once each row's text holds a stop string; the text up to it is what it was without stops."""
+    from composer.generation import cut_at_stop
+
+    net = tiny_model("decoder").eval()
+    bb = wrap(net, tokenizer, name="tiny-decoder", family="decoder")
+    spec = type("S", (), {"name": "s", "is_generation": True})()
+    pm = build_model(bb, spec, torch.randn(3, 32, generator=torch.Generator().manual_seed(0)) * 0.5).eval()
+    ids = torch.tensor([[101, 2000, 2001, 2002], [101, 2003, 0, 0]])
+    mask = (ids != 0).long()
+    free = pm.generate(ids, mask, max_new_tokens=8)
+    texts = [tokenizer.decode(r, skip_special_tokens=True) for r in free.tolist()]
+    stop = [texts[0].split()[1]]  # the first row's second word: that row ends early
+    stopped = pm.generate(ids, mask, max_new_tokens=8, stop=stop)
+    cut = [tokenizer.decode(r, skip_special_tokens=True) for r in stopped.tolist()]
+    assert [cut_at_stop(t, stop) for t in cut] == [cut_at_stop(t, stop) for t in texts]
+    first = [i for i, x in enumerate(stopped[0].tolist()) if x == tokenizer.sep_token_id]
+    assert first and first[0] < 8  # the first row ended (EOS-filled) before max_new_tokens
+    if not any(s in texts[1] for s in stop):
+        assert torch.equal(stopped[1, : free.shape[1]], free[1, : stopped.shape[1]])  # the other row ran on
+
+
 def test_beam_search_finds_a_sequence_at_least_as_likely_as_greedy(tokenizer):
     net = tiny_model("decoder").eval()
     bb = wrap(net, tokenizer, name="tiny-decoder", family="decoder")
@@ -192,3 +214,30 @@ def test_cli_trains_a_prefix_evaluates_with_predictions_and_generates(copy_task,
                          "--json"])
     assert r.exit_code == 0, r.output
     assert len(json.loads(r.stdout)["generations"]) == 2
+    r = run.invoke(cli, ["generate", "copy-pre", "--task", str(copy_task), "--input", '{"text": "red"}',
+                         "--max-new-tokens", "3", "--json"])  # a JSON object of the template's fields
+    assert r.exit_code == 0, r.output
+    assert len(json.loads(r.stdout)["generations"]) == 1
+
+
+def test_generate_takes_each_field_of_a_two_field_template(tmp_path, tiny_llama_dir, monkeypatch):
+    """A template with two input fields takes --input as a JSON object; plain text or a wrong field is one line."""
+    from click.testing import CliRunner
+
+    from composer.cli import cli
+
+    monkeypatch.setenv("PROMPT_COMPOSER_DATA", str(tmp_path / "data"))
+    task = write_copy_task(tmp_path, name="pair")
+    task.write_text(task.read_text().replace('"Say: {text} Reply:"', '"Say: {text} and {reply} Reply:"'))
+    run = CliRunner()
+    r = run.invoke(cli, ["train", str(task), "--model", str(tiny_llama_dir), "--steps", "2", "--eval-every", "2",
+                         "--max-eval", "4", "--max-test", "4", "--prompt-length", "2", "--run-dir",
+                         str(tmp_path / "r"), "--save", "pair-p", "--quiet"])
+    assert r.exit_code == 0, r.output
+    base = ["generate", "pair-p", "--task", str(task), "--max-new-tokens", "2", "--json"]
+    ok = run.invoke(cli, base + ["--input", '{"text": "red", "reply": "blue"}'])
+    assert ok.exit_code == 0, ok.output
+    for bad, says in (("red", "give each --input as a JSON object"), ('{"text": "red"}', "missing: reply"),
+                      ('{"text": "a", "reply": "b", "x": 1}', "unknown: x"), ("{nope", "does not parse")):
+        r = run.invoke(cli, base + ["--input", bad])
+        assert r.exit_code == 2 and says in r.output, r.output
