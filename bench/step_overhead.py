@@ -76,6 +76,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+from composer.demo import machine  # noqa: E402
+
 ARMS = ("a", "b", "c")
 ARM_NAMES = {"a": "prompt-composer", "b": "PEFT PromptTuning", "c": "bare backbone"}
 PREFIX_ARM_NAMES = {"a": "prompt-composer prefix", "b": "PEFT PrefixTuning", "c": "bare backbone + cache"}
@@ -636,19 +638,13 @@ def profile_arms(arms: dict, ids, mask, labels, steps: int, kind: str = "prompt"
 
 # -- report -------------------------------------------------------------------------------------
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return machine()["cpu"]
 
 
 def cpu_isa() -> str:
     """The instruction-set level torch's CPU kernels dispatch to ("AVX512", "AVX2", "DEFAULT", ...): with the
     CPU model, what decides which float kernels run."""
-    return torch.backends.cpu.get_cpu_capability()
+    return machine()["cpu_isa"]
 
 
 def cpu_label(cpu: str, isa: str | None) -> str:
