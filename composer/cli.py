@@ -530,10 +530,9 @@ def eval_cmd(ctx, name, task_name, model, split, head, max_examples, data_dir, m
     enc = encode_split(spec, splits[split], bb.tokenizer).subset(max_examples, 0)
     r = evaluate(pm, spec, enc, num_beams=num_beams, keep_predictions=bool(predictions))
     if predictions:
-        from composer.atomic import atomic_write_text
+        from composer.evaluate import write_predictions
 
-        rows = r.pop("predictions", [])
-        atomic_write_text(Path(predictions), "".join(json.dumps(x) + "\n" for x in rows))
+        write_predictions(predictions, r.pop("predictions", []))
         r["predictions"] = str(predictions)
     r.update(prompt=name, task=spec.name, split=split, backbone=bb.name, head=pm.head.kind)
     others = ("  ".join(f"{k} {v:.4f}" for k, v in r["metrics"].items()) if "metrics" in r

@@ -103,6 +103,16 @@ def evaluate_generation(pm, spec, enc: Encoded, batch_size: int = 32, device=Non
     return out
 
 
+def write_predictions(path, rows: list[dict]) -> None:
+    """Each row's generation and references as JSON lines, written atomically."""
+    import json
+    from pathlib import Path
+
+    from composer.atomic import atomic_write_text
+
+    atomic_write_text(Path(path), "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rows))
+
+
 def confusion(logits: torch.Tensor, labels: torch.Tensor, C: int) -> np.ndarray:
     pred = logits.argmax(-1).numpy()
     m = np.zeros((C, C), dtype=int)

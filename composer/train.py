@@ -25,7 +25,7 @@ from composer.backbones import Backbone, load_backbone
 from composer.config import TrainConfig
 from composer.encoding import Encoded
 from composer.errors import ComposerError, TrainingError
-from composer.evaluate import evaluate
+from composer.evaluate import evaluate, write_predictions
 from composer.heads import resolve_head
 from composer.library import Library
 from composer.loop import (Optimizer, RunFolder, backbone_filter, check_resume, encode_splits, make_accelerator,
@@ -172,7 +172,10 @@ def _train(cfg: TrainConfig, run: RunFolder, prepared: Prepared | None, resume, 
                               acc.device, acc.autocast)}
     if prep.test is not None:
         result["test"] = evaluate(core, prep.spec, prep.test.subset(cfg.max_test, cfg.seed), cfg.eval_batch_size,
-                                  acc.device, acc.autocast)
+                                  acc.device, acc.autocast, keep_predictions=prep.spec.is_generation)
+        if "predictions" in result["test"] and acc.is_main_process:  # the generations, for a reader to read
+            write_predictions(run_dir / "predictions-test.jsonl", result["test"].pop("predictions"))
+            result["test"]["predictions"] = str(run_dir / "predictions-test.jsonl")
     if cfg.save and acc.is_main_process:
         try:
             save_to_library(library or Library(), cfg.save, core, prep, cfg, result)

@@ -178,6 +178,9 @@ def test_train_a_generation_task_lowers_the_target_loss(copy_task, tiny_llama_di
     losses = [x["loss"] for x in lines if "loss" in x and "eval" not in x]
     evals = [x["eval"]["loss"] for x in lines if "eval" in x]
     assert losses[-1] < losses[0] and evals[-1] < evals[0]  # the target's NLL falls, on train and on dev
+    preds = [json.loads(x) for x in (tmp_path / f"run-{kind}" / "predictions-test.jsonl").read_text().splitlines()]
+    assert r["test"]["predictions"].endswith("predictions-test.jsonl") and len(preds) == r["test"]["n"]
+    assert {"prediction", "references"} <= set(preds[0])  # the run folder keeps the test generations
 
 
 def test_multitask_mixes_generation_and_classification_rows(copy_task, toy_task, tiny_llama_dir, tmp_path):
