@@ -797,6 +797,10 @@ def similarity(ctx, names, all_, metric, model, device, plot, as_json):
 @option_from(ComposeConfig, "mix_temperature")
 @option_from(ComposeConfig, "steps")
 @option_from(ComposeConfig, "distill")
+@option_from(ComposeConfig, "base")
+@option_from(ComposeConfig, "density", "--trim")
+@option_from(ComposeConfig, "dare")
+@option_from(ComposeConfig, "scale")
 @option_from(ComposeConfig, "backbone")
 @option_from(ComposeConfig, "device")
 @option_from(ComposeConfig, "seed")
@@ -815,6 +819,8 @@ def compose(ctx, plot, as_json, **settings):
       prompt-composer compose graphs/demo.yaml --target negated-polarity --strategy linear --shots 16 --save np-lin --json
       prompt-composer compose graphs/demo.yaml --target negated-polarity --strategy average --top-k 3 --metric cos-avg
       prompt-composer compose graphs/demo.yaml --target negated-polarity --strategy concat
+      prompt-composer compose graphs/demo.yaml --target negated-polarity --strategy ties --density 0.2 --save np-ties
+      prompt-composer compose graphs/demo.yaml --target negated-polarity --strategy arithmetic --scale 0.5 --base zeros
     """
     from composer import graph as G_
     from composer.compose import compose as run_compose

@@ -10,6 +10,9 @@ Strategies (math in composer/mixing.py and composer/attention.py):
   linear     weights optimized on the few-shot examples (LoraHub-style; L-BFGS-B or Powell), L1 penalty
   attention  ATTEMPT: per-example mixtures through a small attention module + a trainable target prompt
   concat     the subtask prompts joined along P in decomposition order
+  arithmetic task arithmetic: base + scale * sum_k w_k (candidate_k - its init); negative part_of priors subtract
+  ties       TIES-merging of those task vectors: trim to the top --density, elect signs, disjoint mean (--dare:
+             DARE's drop and rescale first); inits, base and defaults in composer/task_vectors.py
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from composer import graph as G_
 from composer import mixing
 from composer.attention import AttentionComposer, MixtureSource, distill_over, mean_attention
 from composer.backbones import Backbone, load_backbone
-from composer.config import STRATEGIES, ComposeConfig
+from composer.config import MERGING_STRATEGIES, STRATEGIES, ComposeConfig
 from composer.encoding import Encoded, encode_split
 from composer.errors import ComposeError
 from composer.evaluate import predict, score
@@ -31,6 +34,7 @@ from composer.model import attention_kernels, build_model, freeze_backbone
 from composer.prefix import flat, is_prefix, unflat
 from composer.runstate import BatchPlan, progress_bar
 from composer.taskdata import load_splits
+from composer.task_vectors import merge_candidates
 from composer.tasks import load_task
 
 
@@ -170,6 +174,17 @@ def compose(cfg: ComposeConfig, library: Library | None = None, backbone: Backbo
             prompt, wt = mixing.average(stack, torch.tensor(w), temperature=cfg.mix_temperature)
         prompt = to_model(prompt)
         weights = wt.tolist()
+    elif cfg.strategy in MERGING_STRATEGIES:  # on the candidates' own shape: a prefix trims per layer
+        def get_backbone():  # only random, vocab and text inits (and induced prefixes) need it
+            nonlocal bb
+            if bb is None:
+                bb = load_backbone(cfg.backbone or cands[0].meta.get("backbone") or G.graph.get("backbone"),
+                                   device=cfg.device)
+            return bb
+
+        prompt, weights, merged = merge_candidates(cfg, cands, library, get_backbone)
+        result.update(merged)
+        provenance.update(merged)
     else:
         shots = _few_shot(spec, bb, cfg.shots, cfg.seed, cfg.data_dir)
         pm = build_model(bb, spec, to_model(stack[0]).clone(), seed=cfg.seed, position=position)  # where the backbone is

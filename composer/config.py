@@ -41,7 +41,10 @@ MODES = ("prompt", "joint")
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("no", "bf16", "fp16")
 MULTITASK_COMPOSERS = ("none", "attention")
-STRATEGIES = ("best", "average", "linear", "attention", "concat")
+MIXING_STRATEGIES = ("best", "average", "linear", "attention", "concat")
+MERGING_STRATEGIES = ("arithmetic", "ties")
+"""Task-vector merges (composer/merging.py): each candidate minus its init, summed or TIES-merged onto a base."""
+STRATEGIES = (*MIXING_STRATEGIES, *MERGING_STRATEGIES)
 LINEAR_METHODS = ("lbfgs", "powell", "nelder-mead")
 SIMILARITY_METRICS = ("cos-avg", "euclid-avg", "cos-tok", "euclid-tok", "on")
 LINK_METRICS = (*SIMILARITY_METRICS, "transfer")
@@ -329,6 +332,16 @@ class ComposeConfig(_Config):
     out_graph: str | None = opt(None, "Write the graph with the composed weights on its edges (node-link JSON).",
                                 flag="--out")
     device: str = opt("auto", DEVICE_HELP)
+    base: str | None = opt(None, "arithmetic, ties: where the merged task vector lands, and what the task vectors "
+                                 "are taken against when it is given: a library entry NAME of the candidates' "
+                                 "shape | zeros (the prompts themselves are the vectors) (default: the mean of "
+                                 "the candidates' inits, recovered from their provenance).")
+    density: float | None = opt(None, "ties, arithmetic: keep this fraction of each task vector's entries, the "
+                                      "largest by magnitude, in (0, 1] (default: 0.2 for ties, 1 for arithmetic).")
+    dare: float = opt(0.0, "ties, arithmetic: DARE, drop each task-vector entry with this probability and "
+                           "rescale the rest by 1/(1-p), before trimming; in [0, 1).")
+    scale: float = opt(1.0, "ties, arithmetic: multiply the merged task vector by this before adding it to the "
+                            "base (task arithmetic's lambda).")
 
     _renamed = {"model": "backbone", "temperature": "mix_temperature"}
 
@@ -345,7 +358,30 @@ class ComposeConfig(_Config):
             raise ComposeError(f"--steps must be >= 0, got {self.steps}")
         if self.method not in LINEAR_METHODS:
             raise ComposeError(f"unknown --method {self.method!r}: use {', '.join(LINEAR_METHODS)}")
+        self._check_merge()
         check_device_name(self.device)
+
+    def _check_merge(self) -> None:
+        """The merge options: in range, and only with the strategies that read them."""
+        merging = self.strategy in MERGING_STRATEGIES
+        given = [flag for flag, v in (("--base", self.base), ("--density", self.density),
+                                      ("--dare", self.dare or None), ("--scale", None if self.scale == 1.0 else 1))
+                 if v is not None]
+        if given and not merging:
+            raise ComposeError(f"{', '.join(given)} applies to --strategy arithmetic or ties, not "
+                               f"{self.strategy}; drop it or pick one of those")
+        if merging and self.mix_temperature is not None:
+            raise ComposeError(f"--temperature does not apply to --strategy {self.strategy}: it takes the edge "
+                               "weights as they are; scale the merged vector with --scale")
+        if self.density is not None and not (math.isfinite(self.density) and 0 < self.density <= 1):
+            raise ComposeError(f"--density (the trim fraction: the share of each task vector kept) must be in "
+                               f"(0, 1], got {self.density}; e.g. 0.2 keeps the largest 20%")
+        if not (math.isfinite(self.dare) and 0 <= self.dare < 1):
+            raise ComposeError(f"--dare (the drop probability) must be in [0, 1), got {self.dare}; 0 drops nothing")
+        if not math.isfinite(self.scale):
+            raise ComposeError(f"--scale must be a finite number, got {self.scale}")
+        if self.base is not None and self.base != "zeros":
+            check_name(self.base.split(":", 1)[1] if self.base.startswith("library:") else self.base, "--base")
 
 
 # -- the demo -------------------------------------------------------------------------------------
@@ -358,7 +394,7 @@ class DemoConfig(_Config):
     out: str = opt("runs/demo", "Folder of the report, its pictures and the runs.")
     targets: tuple[str, ...] = opt(("negated-polarity", "topic-polarity"), "Targets to compose.",
                                    flag="--target")
-    strategies: tuple[str, ...] = opt(STRATEGIES, "Strategies to compare.")
+    strategies: tuple[str, ...] = opt(MIXING_STRATEGIES, "Strategies to compare.")
     prompt_length: int = opt(20, "P of every prompt.")
     source_steps: int = opt(80, "Steps for each subtask prompt (full training data).")
     target_steps: int = opt(40, "The same budget for every arm on a target.")
