@@ -151,3 +151,112 @@ def run_peft(bench, task: str, seed: int, steps: int, run_name: str) -> dict:
            "run_dir": str(run_dir), "metric": prep.spec.metric}
     arm = own = None  # free the model copy before the next arm (the closures above are done with it)
     return bench.store(run_dir / "record.json", rkey, rec)
+
+
+def peft_generation_loss(model, P: int, input_ids: torch.Tensor, mask: torch.Tensor,
+                         targets: torch.Tensor) -> torch.Tensor:
+    """PEFT's own causal-LM loss on input + target: each row's target right after its last real input token,
+    labels -100 everywhere else (PEFT puts -100 under its P virtual tokens itself). A token-weighted mean over
+    the batch, as transformers computes it (our runs average each row's mean; the peer keeps its own)."""
+    B = input_ids.shape[0]
+    rows = []
+    for i in range(B):
+        n, t = int(mask[i].sum()), targets[i][targets[i] >= 0]
+        rows.append((input_ids[i, :n], t))
+    T = max(len(a) + len(t) for a, t in rows)
+    ids = input_ids.new_zeros(B, T)
+    am = mask.new_zeros(B, T)
+    labels = torch.full((B, T), -100, dtype=torch.long)
+    for i, (a, t) in enumerate(rows):
+        ids[i, : len(a)], ids[i, len(a) : len(a) + len(t)] = a, t
+        am[i, : len(a) + len(t)] = 1
+        labels[i, len(a) : len(a) + len(t)] = t
+    device = next(model.parameters()).device
+    return model(input_ids=ids.to(device), attention_mask=am.to(device), labels=labels.to(device)).loss
+
+
+def run_peft_generation(bench, task: str, seed: int, steps: int, run_name: str) -> dict:
+    """One PEFT PromptTuning run of a generation ``task`` on a decoder -> its record (read back when finished).
+
+    Trained by PEFT's own forward and loss (peft_generation_loss); the same data order, init (random's),
+    optimizer, schedule and clipping as our runs. Its prompt is evaluated by our decoding on the same dev and
+    test subsets as every other arm (a decoder's prompt sits in front in both; tests/test_peft_io.py checks
+    that a PEFT PromptTuning adapter generates what we generate), so the two differ in training only.
+    """
+    from composer.evaluate import evaluate
+    from composer.runstate import BatchPlan, lr_lambda
+    from composer.train import TrainConfig, prepare
+
+    cfg = bench.cfg
+    run_dir = bench.runs / task / run_name
+    rkey = bench.run_key(arm="peft", task=task, init="random", seed=seed, steps=steps,
+                         prompt_length=cfg.prompt_length)
+    rec = bench.stored(run_dir / "record.json", rkey)
+    if rec is not None:
+        return rec
+    bench.may_start(f"{task} {run_name}")
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+
+    tc = TrainConfig(task=task, backbone=cfg.model, prompt_length=cfg.prompt_length, steps=steps,
+                     batch_size=cfg.batch_size, lr=cfg.lr, seed=seed, k_shot=cfg.k_shot, data_dir=cfg.data_dir)
+    prep = prepare(tc, backbone=bench.bb, library=bench.lib)  # random's init and data; ours evaluates
+    dev = prep.dev.subset(cfg.max_eval, 0)
+    test = prep.test.subset(cfg.max_test, 0) if prep.test is not None else None
+    ours = prep.model.prompt_source.weight  # [P, H]
+    own = copy.deepcopy(bench.bb.network)
+    model = get_peft_model(own, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=cfg.prompt_length))
+    prompt = model.prompt_encoder["default"].embedding.weight
+    with torch.no_grad():
+        prompt.copy_(ours.detach())
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc.schedule, int(tc.warmup * steps), steps))
+    pad = bench.bb.tokenizer.pad_token_id
+    plan = BatchPlan(len(prep.train), cfg.batch_size, seed)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    curve: tuple[list[int], list[float]] = ([], [])
+
+    def evaluate_split(enc, keep: bool = False) -> dict:
+        with torch.no_grad():
+            ours.copy_(prompt.detach())
+        return evaluate(prep.model, prep.spec, enc, keep_predictions=keep)
+
+    def do_eval(step: int) -> float:
+        r = evaluate_split(dev)
+        curve[0].append(step)
+        curve[1].append(r["score"])
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "eval": r}) + "\n")
+        return r["score"]
+
+    t0, load0 = time.time(), os.getloadavg()[0]
+    best = initial = do_eval(0)
+    best_step, best_prompt = 0, prompt.detach().clone()
+    for step in range(steps):
+        b = prep.train.batch(plan.indices(step), pad)
+        torch.random.default_generator.manual_seed(seed * 1_000_003 + step)  # dropout, as train.py
+        model.train()
+        lo = peft_generation_loss(model, cfg.prompt_length, b["input_ids"], b["attention_mask"], b["targets"])
+        lo.backward()
+        torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == steps:
+            s = do_eval(step + 1)
+            if s > best:
+                best, best_step, best_prompt = s, step + 1, prompt.detach().clone()
+    seconds = time.time() - t0
+    with torch.no_grad():
+        prompt.copy_(best_prompt)
+    rec = {"init": "random (PEFT PromptTuning)", "seed": seed, "mode": "prompt",
+           "prompt_length": cfg.prompt_length, "steps": steps, "initial": initial, "dev": best,
+           "dev_last": curve[1][-1], "best_step": best_step, "curve": curve, "seconds": round(seconds, 2),
+           "s_per_step": seconds / steps, "load": [round(load0, 2), round(os.getloadavg()[0], 2)],
+           "run_dir": str(run_dir), "metric": prep.spec.metric, "test": None}
+    if test is not None:
+        r = evaluate_split(test, keep=True)
+        rec.update(test=r["score"], test_metrics=r["metrics"], examples=r["predictions"][:3])
+    model = own = None  # free the copy before the next arm
+    return bench.store(run_dir / "record.json", rkey, rec)

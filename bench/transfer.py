@@ -124,6 +124,9 @@ class BenchConfig:
     """Target dev examples evaluated (a fixed subset; the few-shot dev splits have 32 to 64)."""
     max_test: int | None = 500
     """Target test examples evaluated for the kept checkpoint (a fixed subset; None = all)."""
+    k_shot: int | None = None
+    """Train on k examples per class (generation: k rows) of the target's train split, seeded by the run's
+    seed (None: the task's own split, e.g. the -fs tasks' few-shot files)."""
     top_k: int = 2
     shots: int = 16
     """Examples per class best/linear/attention may look at (capped by the smallest class)."""
@@ -161,6 +164,7 @@ RUN_KEY_ELSEWHERE = {
     "tier": "none", "targets": "none", "arms": "none", "runs": "none", "figures": "none", "threads": "none",
     "rerun": "none", "time_budget": "none", "extra": "none",
     "data_dir": "none",  # where the data lives, not what it is
+    "k_shot": "key",  # in the run key where set (Bench.run_key), absent from the records made without it
 }
 
 
@@ -180,6 +184,18 @@ def git_commit() -> str:
         return head + (" (with uncommitted changes)" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+N_EXAMPLES = 3  # test generations a generation run's record keeps, for the report to print
+
+
+def read_predictions(run_dir: Path, n: int) -> list[dict]:
+    """The first n test generations a run wrote (train keeps them in predictions-test.jsonl), in split order."""
+    try:
+        lines = (run_dir / "predictions-test.jsonl").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    return [json.loads(x) for x in lines[:n]]
 
 
 class OutOfTime(Exception):
@@ -247,6 +263,8 @@ class Bench:
         c = self.cfg
         key = dict(what, model=c.model, batch_size=c.batch_size, lr=c.lr, model_lr=c.model_lr,
                    eval_every=c.eval_every, max_eval=c.max_eval, max_test=c.max_test)
+        if c.k_shot is not None:  # only where set: the records made before the field stay valid
+            key["k_shot"] = c.k_shot
         return json.loads(json.dumps(key, sort_keys=True))
 
     def stored(self, path: Path, key: dict) -> dict | None:
@@ -325,7 +343,7 @@ class Bench:
         tc = TrainConfig(task=task, backbone=cfg.model, prompt_length=P, init=init, mode=mode, unfreeze="all",
                          steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, model_lr=cfg.model_lr,
                          eval_every=cfg.eval_every, checkpoint_every=steps, max_eval=cfg.max_eval, seed=seed,
-                         data_dir=cfg.data_dir, save=save, run_dir=str(run_dir))
+                         k_shot=cfg.k_shot, data_dir=cfg.data_dir, save=save, run_dir=str(run_dir))
         # joint mode changes backbone weights in place: give it its own copy
         bb = self.bb if mode == "prompt" else dataclasses.replace(self.bb,
                                                                  network=copy.deepcopy(self.bb.network))
@@ -343,6 +361,9 @@ class Bench:
                "test": (r.get("test") or {}).get("score"), "best_step": r["best_step"], "curve": curve,
                "seconds": r["seconds"], "s_per_step": r["seconds"] / max(1, r["steps"]), "load": load,
                "run_dir": str(run_dir), "metric": r["metric"]}
+        if "metrics" in (r.get("test") or {}):  # a generation task: every metric, and a few generations
+            rec["test_metrics"] = r["test"]["metrics"]
+            rec["examples"] = read_predictions(run_dir, N_EXAMPLES)
         rec = self.cache[key] = self.store(run_dir / "record.json", rkey, rec)
         return rec
 

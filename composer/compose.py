@@ -115,8 +115,15 @@ def candidates(G, target: str, library: Library, metric: str | None = None, top_
 
 
 def _few_shot(spec, backbone: Backbone, shots: int, seed: int, data_dir) -> Encoded:
+    """``shots`` training rows per class (a generation task: ``shots`` rows), seeded."""
     splits = load_splits(spec, data_dir=data_dir, splits=["train"], k_shot=0, seed=seed)
     ds = splits["train"]
+    if spec.is_generation:
+        if shots > len(ds):
+            raise ComposeError(f"--shots {shots} is larger than {spec.name}'s training set ({len(ds)} rows); "
+                               "lower --shots")
+        idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:shots].tolist()
+        return encode_split(spec, ds.select(sorted(idx)), backbone.tokenizer)
     labels = ds["label"]
     g = torch.Generator().manual_seed(seed)
     idx = []
@@ -192,14 +199,14 @@ def compose(cfg: ComposeConfig, library: Library | None = None, backbone: Backbo
         pm.eval()  # deterministic scores while choosing
         result["shots"] = len(shots)
         if cfg.strategy == "best":
-            def score_fn(p):
+            def score_fn(p):  # classification: the task's metric on the shots; generation: minus their target NLL
                 p = to_model(p)
                 if cfg.steps <= 0:
-                    return score(spec, predict(pm, shots, prompt=p), shots)["score"]
+                    return _shot_score(pm, spec, shots, p)
                 tuned = build_model(bb, spec, p.clone(), seed=cfg.seed, position=position)
                 freeze_backbone(tuned)
                 _fit(tuned, shots, cfg.steps, cfg.lr, cfg.seed, what="tune a candidate")
-                return score(spec, predict(tuned, shots), shots)["score"]
+                return _shot_score(tuned, spec, shots)
 
             i, scores = mixing.pick_best(stack, score_fn)
             prompt = to_model(stack[i]).clone()
@@ -209,9 +216,8 @@ def compose(cfg: ComposeConfig, library: Library | None = None, backbone: Backbo
             pad = bb.tokenizer.pad_token_id
             b = _to(shots.batch(range(len(shots)), pad), device)
 
-            def loss_fn(p):
-                logits = pm(b["input_ids"], b["attention_mask"], prompt=to_model(p))
-                return F.cross_entropy(logits.float(), b["labels"])
+            def loss_fn(p):  # cross-entropy of the labels, or the targets' NLL
+                return _batch_loss(pm, b, prompt=to_model(p))
 
             with progress_bar(f"compose {cfg.target}: linear ({cfg.method})", unit="eval") as bar:
                 def tick(n, best):
@@ -232,8 +238,9 @@ def compose(cfg: ComposeConfig, library: Library | None = None, backbone: Backbo
             att = mean_attention(pm, shots)  # [N, K+1]
             weights = att.mean(0)[:-1].tolist()
             result["target_weight"] = float(att.mean(0)[-1])
-            result["per_class"] = {spec.labels[c]: att[shots.labels == c].mean(0).tolist()
-                                   for c in range(spec.num_labels)}
+            if not spec.is_generation:
+                result["per_class"] = {spec.labels[c]: att[shots.labels == c].mean(0).tolist()
+                                       for c in range(spec.num_labels)}
             prompt = distill_over(pm, shots)
             if not cfg.distill:
                 tensors, conf = pm.prompt_source.state_for_save()  # the source's: it knows a prefix's layers
@@ -269,6 +276,26 @@ def write_weights(G, target: str, cands: list[Candidate], weights: list[float], 
                 d[f"composed:{strategy}"] = float(w)
 
 
+def _batch_loss(pm, b: dict, prompt: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean loss of a batch: cross-entropy of its labels, or (a generation task) its targets' NLL."""
+    if "targets" in b:
+        return pm(b["input_ids"], b["attention_mask"], prompt=prompt, targets=b["targets"]).mean()
+    return F.cross_entropy(pm(b["input_ids"], b["attention_mask"], prompt=prompt).float(), b["labels"])
+
+
+@torch.no_grad()
+def _shot_score(pm, spec, shots: Encoded, prompt: torch.Tensor | None = None, batch_size: int = 32) -> float:
+    """How well a prompt does on the shots, higher better: the task's metric (classification), or minus the
+    mean target NLL (generation: smooth, and no decoding)."""
+    if not spec.is_generation:
+        return score(spec, predict(pm, shots, prompt=prompt), shots)["score"]
+    pad, total = pm.backbone.tokenizer.pad_token_id, 0.0
+    for s in range(0, len(shots), batch_size):
+        b = _to(shots.batch(range(s, min(s + batch_size, len(shots))), pad), pm.device)
+        total += float(pm(b["input_ids"], b["attention_mask"], prompt=prompt, targets=b["targets"]).sum())
+    return -total / len(shots)
+
+
 def _fit(pm, enc: Encoded, steps: int, lr: float, seed: int, batch_size: int = 16,
          what: str = "fit the attention module") -> None:
     """A few AdamW steps on what trains in ``pm`` (its prompt source: attention module + target prompt, or a
@@ -282,7 +309,7 @@ def _fit(pm, enc: Encoded, steps: int, lr: float, seed: int, batch_size: int = 1
         for s in range(steps):
             torch.manual_seed(seed * 1_000_003 + s)
             b = _to(enc.batch(plan.indices(s), pad), pm.device)
-            loss = F.cross_entropy(pm(b["input_ids"], b["attention_mask"]).float(), b["labels"])
+            loss = _batch_loss(pm, b)
             with attention_kernels(pm.device):
                 loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

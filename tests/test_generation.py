@@ -9,7 +9,7 @@ import torch
 from composer.backbones import wrap
 from composer.config import MultiTaskConfig, TrainConfig
 from composer.encoding import encode_split
-from composer.errors import ComposerError
+from composer.errors import ComposeError, ComposerError
 from composer.evaluate import evaluate
 from composer.model import build_model
 from composer.prompts import init_prompt
@@ -244,3 +244,31 @@ def test_generate_takes_each_field_of_a_two_field_template(tmp_path, tiny_llama_
                       ('{"text": "a", "reply": "b", "x": 1}', "unknown: x"), ("{nope", "does not parse")):
         r = run.invoke(cli, base + ["--input", bad])
         assert r.exit_code == 2 and says in r.output, r.output
+
+
+@pytest.mark.parametrize("strategy", ["best", "linear", "attention"])
+def test_model_based_composers_take_a_generation_target(copy_task, tiny_llama_dir, tmp_path, monkeypatch, strategy):
+    """best scores the candidates by the shots' target NLL, linear fits on it, attention trains on it."""
+    from composer.compose import ComposeConfig, compose
+    from composer.library import Library
+
+    monkeypatch.chdir(tmp_path)
+    lib = Library()
+    g = torch.Generator().manual_seed(0)
+    for name in ("a-p", "b-p"):
+        lib.save(name, torch.randn(3, 32, generator=g) * 0.3,
+                 {"task": "copy", "backbone": str(tiny_llama_dir), "family": "decoder", "head": "generation"})
+    graph = tmp_path / "g.yaml"
+    graph.write_text("name: g\nnodes:\n  - {name: a, role: subtask, task: copy, prompt: a-p}\n"
+                     "  - {name: b, role: subtask, task: copy, prompt: b-p}\n  - {name: copy, role: target}\n"
+                     "decomposition:\n  copy: [a, b]\n")
+    r = compose(ComposeConfig(graph=str(graph), target="copy", strategy=strategy, shots=6, seed=0, steps=2,
+                              save=f"copy-{strategy}"))
+    e = lib.load(f"copy-{strategy}")
+    assert r["shots"] == 6 and e.prompt.shape == (3, 32) and len(r["weights"]) == 2
+    if strategy == "best":
+        assert r["scores"][r["weights"].index(1.0)] == max(r["scores"]) and max(r["scores"]) < 0  # minus an NLL
+    if strategy == "attention":
+        assert "per_class" not in r and e.extra("composer") is not None
+    with pytest.raises(ComposeError, match="--shots 999 is larger than copy's training set"):
+        compose(ComposeConfig(graph=str(graph), target="copy", strategy=strategy, shots=999, seed=0))
