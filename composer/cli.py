@@ -353,6 +353,7 @@ def task_check(name, data_dir, as_json):
 @train_option("graph")
 @train_option("tasks")
 @train_option("composer")
+@train_option("shared")
 @train_option("save_prefix")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write the dev learning curve(s) as a PNG.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -368,6 +369,7 @@ def train(ctx, resume, multitask, plot, quiet, as_json, **settings):
       prompt-composer train rte --init library:rte-composed --mode joint --unfreeze last:2 --save rte-joint
       prompt-composer train polarity --resume runs/polarity-minilm
       prompt-composer train --graph graphs/demo.yaml --multitask --temperature 2 --steps 2000 --save-prefix mt-
+      prompt-composer train --graph demo --multitask --shared mpt --save-prefix mpt-   (then --init library:mpt-shared)
     """
     # settings: every option named after a config field (TrainConfig's, and MultiTaskConfig's own)
     flag = _flags(ctx)

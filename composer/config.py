@@ -41,6 +41,8 @@ MODES = ("prompt", "joint")
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("no", "bf16", "fp16")
 MULTITASK_COMPOSERS = ("none", "attention")
+MULTITASK_SHARED = ("none", "mpt")
+"""none: each task its own prompt; mpt: one shared prompt and a rank-1 multiplier per task (composer/mpt.py)."""
 MIXING_STRATEGIES = ("best", "average", "linear", "attention", "concat")
 MERGING_STRATEGIES = ("arithmetic", "ties")
 """Task-vector merges (composer/merging.py): each candidate minus its init, summed or TIES-merged onto a base."""
@@ -267,6 +269,11 @@ class MultiTaskConfig(TuningConfig):
     sources: list[str] | None = opt(None, "attention: library prompts to attend over (default: the graph's "
                                           "source and subtask prompts).")
     attention_rank: int = opt(32, "attention: size of the shared down-projection.")
+    shared: str = opt("none", "none: one soft prompt per task; mpt: one shared prompt, each task's a rank-1 "
+                              "multiple of it, distilled from the tasks' library prompts (MPT; the graph's "
+                              "source and subtask nodes; saved as PREFIX+shared).", choices=MULTITASK_SHARED)
+    distill_kl: float = opt(1.0, "mpt: weight of the KL from each teacher's label (or token) distribution.")
+    distill_hidden: float = opt(1.0, "mpt: weight of the MSE to each teacher's last hidden states.")
     steps: int = opt(1000, "Optimizer steps.")
     batch_size: int = opt(32, "Global batch size, mixed over tasks.")
     sampling_temperature: float = opt(1.0, "Task i is drawn in proportion to n_i ** (1/T): 1 samples by size, "
@@ -300,6 +307,22 @@ class MultiTaskConfig(TuningConfig):
                                 "sources); drop --init")
         if self.attention_rank < 1:
             raise TrainingError(f"--attention-rank must be >= 1, got {self.attention_rank}")
+        if self.shared not in MULTITASK_SHARED:
+            raise TrainingError(f"unknown --shared {self.shared!r}: use one of {', '.join(MULTITASK_SHARED)}")
+        for name in ("distill_kl", "distill_hidden"):
+            w = getattr(self, name)
+            if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
+                raise TrainingError(f"{name} must be a finite number >= 0, got {w!r}")
+        if self.shared == "mpt":
+            if self.composer != "none":
+                raise TrainingError(f"--shared mpt with --composer {self.composer}: each is its own way to share "
+                                    "across tasks; drop one")
+            if self.init.startswith("library"):
+                raise TrainingError(f"--init {self.init} does not apply with --shared mpt: the shared prompt "
+                                    "starts at the mean of the tasks' own library prompts (the teachers); drop --init")
+            if self.prefix_projection:
+                raise TrainingError("--prefix-projection does not apply with --shared mpt (the shared prefix "
+                                    "trains directly); drop it")
         super().__post_init__()  # the checks every run makes (steps, lr, mode, unfreeze, ...)
 
 

@@ -83,6 +83,8 @@ class MultiPrepared:
     tasks: dict[str, Prepared]
     """Per task key: its spec, data, provenance, and ``model`` = its view of the MultiTaskModel."""
     sources: list[str]
+    mpt: object = None
+    """--shared mpt: the MPTSetup (composer/mpt.py): the shared prompt, task order, teachers."""
 
 
 def resolve_tasks(cfg: MultiTaskConfig) -> tuple[list[tuple[str, object, str | None]], object]:
@@ -90,7 +92,12 @@ def resolve_tasks(cfg: MultiTaskConfig) -> tuple[list[tuple[str, object, str | N
     G = None
     if cfg.graph:
         G = G_.check(G_.load_graph(cfg.graph))
-        out = [(str(n), load_task(d.get("task") or n), d.get("prompt")) for n, d in G.nodes(data=True)]
+        nodes = [(n, d) for n, d in G.nodes(data=True)
+                 if cfg.shared != "mpt" or d.get("role") in ("source", "subtask")]  # MPT: the sources only
+        if not nodes:
+            raise TrainingError(f"--shared mpt trains the source and subtask nodes of graph "
+                                f"{G.graph.get('name')!r}, and it has none")
+        out = [(str(n), load_task(d.get("task") or n), d.get("prompt")) for n, d in nodes]
     else:
         out = []
         for t in cfg.tasks:
@@ -127,7 +134,7 @@ def prepare_multitask(cfg: MultiTaskConfig, backbone: Backbone | None = None,
     backbone = backbone or load_backbone(cfg.backbone)
     for _, spec, _ in found:  # every head (and prompt length) fits the backbone, before any data loads
         resolve_head(spec, backbone, cfg.head)
-        if not cfg.init.startswith("library") and cfg.composer != "attention":
+        if not cfg.init.startswith("library") and cfg.composer != "attention" and cfg.shared != "mpt":
             check_positions(backbone, spec, cfg.prompt_length)
 
     sources, shared, mixtures = [], None, {}
@@ -143,6 +150,14 @@ def prepare_multitask(cfg: MultiTaskConfig, backbone: Backbone | None = None,
         entries = [_library_entry(library, s, backbone, "--composer attention") for s in sources]
         stack = torch.stack([e.prompt for e in entries])  # [K, P, H]
         shared, mixtures = _shared_attention(stack, [k for k, _, _ in found], cfg.attention_rank, cfg.seed)
+    mpt = None
+    if cfg.shared == "mpt":  # one P* and per-task factors, distilled from each task's own prompt (composer/mpt.py)
+        from composer.mpt import setup_mpt
+
+        mpt = setup_mpt(cfg, found, backbone, library, lambda n, what: _library_entry(library, n, backbone, what))
+        for _, spec, _ in found:
+            check_positions(backbone, spec, mpt.mpt.shared.shape[-2])
+        sources = list(mpt.teachers.values())
 
     tok = backbone.tokenizer
     views, preps = {}, {}
@@ -151,23 +166,31 @@ def prepare_multitask(cfg: MultiTaskConfig, backbone: Backbone | None = None,
         train, dev, test = encode_splits(spec, splits, tok)
         if cfg.composer == "attention":
             prompt, prov = mixtures[key], {"init": "attention", "sources": sources}
+        elif mpt is not None:
+            prompt, prov = mpt.source(key), mpt.provenance(key)
         else:
             init = cfg.init
             if init == "library":
                 init = f"library:{graph_prompt or key}"
             if init.startswith("library:"):
-                _library_entry(library, init.split(":", 1)[1], backbone, f"--init {cfg.init} (task {key})")
+                _library_entry(library, init.split(":", 1)[1].split("@")[0], backbone,
+                               f"--init {cfg.init} (task {key})")
             prompt, prov = init_prompt(init, cfg.prompt_length, backbone, spec, cfg.seed + i, library, kind=cfg.kind)
         views[key] = build_model(backbone, spec, prompt, head=cfg.head, label_temperature=cfg.label_temperature,
                                  seed=cfg.seed + i, prefix_projection=cfg.prefix_projection)
         prov.update(multitask=[k for k, _, _ in found], temperature=cfg.sampling_temperature, composer=cfg.composer)
         preps[key] = Prepared(backbone, spec, train, dev, test, None, prov)
-    model = MultiTaskModel(backbone, {k: v.prompt_source for k, v in views.items()},
-                           {k: v.head for k, v in views.items()},
-                           {k: p.spec.num_labels for k, p in preps.items()}, shared=shared)
+    if mpt is not None:
+        from composer.mpt import build_mpt_model
+
+        model = build_mpt_model(backbone, mpt, views, {k: p.spec for k, p in preps.items()}, cfg)
+    else:
+        model = MultiTaskModel(backbone, {k: v.prompt_source for k, v in views.items()},
+                               {k: v.head for k, v in views.items()},
+                               {k: p.spec.num_labels for k, p in preps.items()}, shared=shared)
     for key, p in preps.items():
         p.model = model.view(key)
-    return MultiPrepared(backbone, model, preps, sources)
+    return MultiPrepared(backbone, model, preps, sources, mpt)
 
 
 def _batch(mp: MultiPrepared, keys: list[str], pairs: list[tuple[int, int]],
@@ -202,12 +225,18 @@ def train_multitask(cfg: MultiTaskConfig, library: Library | None = None, progre
     if cfg.save_prefix:  # every name the run will save, before any work
         for k in keys:
             check_name(f"{cfg.save_prefix}{k}", f"--save-prefix name for task {k!r},")
+        if cfg.shared == "mpt":
+            if "shared" in keys:
+                raise TrainingError(f"--shared mpt saves the shared prompt as {cfg.save_prefix}shared, and a task "
+                                    "is named 'shared' too; rename that graph node")
+            check_name(f"{cfg.save_prefix}shared", "--save-prefix name of the shared prompt,")
         if acc.is_main_process:
             library.check_writable()
     run_dir = Path(resume) if resume else Path(cfg.run_dir) if cfg.run_dir else Path("runs") / (
         f"{cfg.save_prefix or 'multitask-'}{time.strftime('%Y%m%d-%H%M%S')}")
     if resume:
-        check_resume(run_dir, cfg, ("tasks", "graph", "backbone", "mode", "composer"))
+        check_resume(run_dir, cfg, ("tasks", "graph", "backbone", "mode", "composer")
+                     + (("shared",) if cfg.shared != "none" else ()))  # runs before --shared have none
     cfg.run_dir = str(run_dir)
     run = RunFolder(run_dir, acc)
     with run.owned(bool(resume)):  # one process per run folder: a second run there refuses
@@ -274,7 +303,10 @@ def _train_multitask(cfg: MultiTaskConfig, run: RunFolder, library: Library, pro
                 task_loss = {keys[t]: round(per_row[task_ids == t].mean().item(), 6)
                              for t in task_ids.unique().tolist()}
                 mean_loss = acc.reduce(loss.detach(), reduction="mean")  # over processes
-                run.log({"step": step, "loss": round(mean_loss.item(), 6), "task_loss": task_loss, "lr": opt.lr})
+                rec = {"step": step, "loss": round(mean_loss.item(), 6), "task_loss": task_loss, "lr": opt.lr}
+                if getattr(core, "last_distill", None):  # --shared mpt: the batch's mean KL and MSE to the teachers
+                    rec["distill"] = core.last_distill
+                run.log(rec)
             if bar:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -290,6 +322,7 @@ def _train_multitask(cfg: MultiTaskConfig, run: RunFolder, library: Library, pro
             if step % every_ckpt == 0 or step == cfg.steps:
                 run.save_checkpoint(core, opt, state)
     acc.wait_for_everyone()
+    final = trainable_state(core) if mp.mpt is not None else None  # the shared entry is the run's last state
 
     result = {"tasks": keys, "model": cfg.backbone, "steps": step, "seconds": round(time.time() - t0, 2),
               "run_dir": str(run_dir), "temperature": cfg.sampling_temperature, "composer": cfg.composer,
@@ -315,5 +348,12 @@ def _train_multitask(cfg: MultiTaskConfig, run: RunFolder, library: Library, pro
             r["saved"] = name
         result["per_task"][k] = r
     result["mean_dev"] = sum(r["dev"]["score"] for r in result["per_task"].values()) / len(keys)
+    if final is not None and cfg.save_prefix and acc.is_main_process:
+        from composer.mpt import save_mpt_entry
+
+        load_trainable(core, final)
+        name = f"{cfg.save_prefix}shared"
+        save_mpt_entry(library, name, core, mp.backbone, cfg, mp.mpt, {"steps": step})
+        result["shared_saved"] = name
     run.write_result(result)
     return result

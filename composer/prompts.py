@@ -101,16 +101,18 @@ def init_prompt(init: str, length: int, backbone, spec=None, seed: int = 0,
                 library: Library | None = None, kind: str = "prompt") -> tuple[torch.Tensor | nn.Module, dict]:
     """-> (prompt [P, H] or prefix [L, 2, P, D], provenance).
 
-    ``init``: random | vocab | text | text:SOME WORDS | library:NAME. ``backbone`` is a Backbone (its
+    ``init``: random | vocab | text | text:SOME WORDS | library:NAME[@TASK]. ``backbone`` is a Backbone (its
     embeddings and tokenizer). A library entry that holds an attention composer comes back as its prompt-source
-    module (a MixtureSource), to go on training as one. For ``kind`` prefix, random, vocab and text give the
-    keys and values that such an input-level prompt induces at every layer (so a prefix starts at the scale
-    the backbone's own keys and values have), and a library prompt of kind ``prompt`` gives its induced prefix.
+    module (a MixtureSource), to go on training as one; an MPT entry (composer/mpt.py) comes back as the module
+    P* ∘ (u vᵀ), u and v at ones or (NAME@TASK, @mean, @similar) at a source's factors, all of it to train. For
+    ``kind`` prefix, random, vocab and text give the keys and values that such an input-level prompt induces at
+    every layer (so a prefix starts at the scale the backbone's own keys and values have), and a library prompt
+    of kind ``prompt`` gives its induced prefix.
     """
     if kind not in KINDS:
         raise ComposerError(f"unknown --kind {kind!r}: use one of {', '.join(KINDS)}")
     if init.startswith("library:"):
-        return _from_library(init.split(":", 1)[1], backbone, library, kind)
+        return _from_library(init.split(":", 1)[1], backbone, library, kind, getattr(spec, "name", None))
     emb = backbone.input_embeddings().weight.detach().float().cpu()
     g = torch.Generator().manual_seed(seed)
     if init == "random":
@@ -131,13 +133,21 @@ def init_prompt(init: str, length: int, backbone, spec=None, seed: int = 0,
     return prompt, prov
 
 
-def _from_library(name: str, backbone, library: Library | None, kind: str):
+def _from_library(name: str, backbone, library: Library | None, kind: str, target: str | None = None):
+    name, at, pick = name.partition("@")  # NAME@TASK: a task's factors of a shared (MPT) entry
     entry = (library or Library()).load(name)
     check_compatible(entry.meta, name, backbone.name, backbone.family, backbone.hidden_size)
     if entry.meta.get("backbone") not in (None, backbone.name):
         log.warning("prompt '%s' was trained on '%s'; loading it into '%s' (same hidden size)",
                     name, entry.meta.get("backbone"), backbone.name)
     entry_kind = entry.meta.get("kind", "prompt")
+    from composer.mpt import is_mpt, target_source  # lazy: composer.mpt imports the model
+
+    if is_mpt(entry):  # the target trains P* and its own rank-1 factors (MPT's target adaptation)
+        return target_source(entry, pick, kind, target)
+    if at:
+        raise ComposerError(f"--init library:{name}@{pick}: '@TASK' picks a task's factors of a shared (MPT) "
+                            f"prompt, and '{name}' is a plain prompt; use --init library:{name}")
     source = load_source(entry)  # an attention composer continues as a module
     if source is not None:
         if entry_kind != kind:
