@@ -330,3 +330,13 @@ def test_cli_merges_and_refuses_a_bad_trim_in_one_line(merge_setup, tmp_path):
     bad = CliRunner().invoke(cli, ["compose", str(g), "--target", "toy", "--strategy", "ties", "--density", "1.5"])
     assert bad.exit_code == 1 and "must be in (0, 1], got 1.5" in bad.output
     assert len(bad.output.strip().splitlines()) == 1 and "Traceback" not in bad.output
+
+
+def test_merge_weights_keep_negative_priors_and_clip_negative_similarities():
+    from composer.compose import Candidate
+    from composer.task_vectors import merge_weights
+
+    p = torch.zeros(1, 1)
+    cands = [Candidate("a", "a-p", "part_of", None, p, {}), Candidate("b", "b-p", "part_of", -0.5, p, {}),
+             Candidate("c", "c-p", "similar", -0.2, p, {}), Candidate("d", "d-p", "similar", 0.7, p, {})]
+    assert merge_weights(cands) == [1.0, -0.5, 0.0, 0.7]
