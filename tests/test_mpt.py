@@ -234,13 +234,15 @@ def test_generation_of_a_mixed_batch_needs_no_task_ids_by_hand(tmp_path, monkeyp
     with torch.no_grad():
         model.shared.u.normal_(generator=torch.Generator().manual_seed(0))
     pad = bb.tokenizer.pad_token_id
-    c = mp.tasks["copy"].dev
-    ids, mask = pad_batch([c.ids[0], c.ids[1], c.ids[2]], pad)
-    task_ids = torch.tensor([0, 0, 0])
+    c, t = mp.tasks["copy"].dev, mp.tasks["toy"].dev
+    rows = [("copy", c.ids[0]), ("toy", t.ids[0]), ("copy", c.ids[1])]
+    ids, mask = pad_batch([r for _, r in rows], pad)
+    task_ids = torch.tensor([model.tasks.index(k) for k, _ in rows])  # what a mixed batch carries
     out = generate_mixed(model, ids, mask, task_ids, pad_id=pad, max_new_tokens=3)
-    alone = model.view("copy").generate(ids[1:2, : int(mask[1].sum())], mask[1:2, : int(mask[1].sum())],
-                                        max_new_tokens=3)
-    assert torch.equal(out[1, : alone.shape[1]], alone[0])
+    for j, (k, r) in enumerate(rows):  # each row decoded with its own task's P_k
+        alone = model.view(k).generate(torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long), max_new_tokens=3)
+        assert torch.equal(out[j, : alone.shape[1]], alone[0])
+    assert not torch.equal(model.prompts["copy"](ids)[0], model.prompts["toy"](ids)[0])
 
 
 # -- bad input: one line, nothing lost -------------------------------------------------------------
