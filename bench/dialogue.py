@@ -9,7 +9,8 @@ for the same steps, batch, prompt learning rate and dev evaluations, the best de
   random     prompt tuning from a random init (the baseline)
   vocab      prompt tuning from sampled vocabulary embeddings
   peft       PEFT's PromptTuning, trained by PEFT's own causal-LM loss from random's init (bench/peft_arm.py);
-             its prompt is decoded by our generation on the same subsets (the two differ in training only)
+             its prompt is decoded by our generation on the same subsets (the two differ in training only;
+             PEFT's generate is not used, see bench/generation_speed.py)
   best       the module prompt with the lowest target NLL on the shots, tuned on
   average    the module prompts averaged (the decomposition's prior weights, else equal)
   linear     weights fitted on the shots' target NLL (L-BFGS-B)

@@ -180,8 +180,9 @@ def run_peft_generation(bench, task: str, seed: int, steps: int, run_name: str) 
 
     Trained by PEFT's own forward and loss (peft_generation_loss); the same data order, init (random's),
     optimizer, schedule and clipping as our runs. Its prompt is evaluated by our decoding on the same dev and
-    test subsets as every other arm (a decoder's prompt sits in front in both; tests/test_peft_io.py checks
-    that a PEFT PromptTuning adapter generates what we generate), so the two differ in training only.
+    test subsets as every other arm (a decoder's prompt sits in front in both, and bench/generation_speed.py
+    checks that PEFT's forward gives our target NLL), so the two differ in training only. PEFT's own generate
+    is not used: with transformers 5 it drops the position ids and its tokens after the first can differ.
     """
     from composer.evaluate import evaluate
     from composer.runstate import BatchPlan, lr_lambda
