@@ -44,7 +44,7 @@ from composer.attention import AttentionComposer, MixtureSource
 from composer.backbones import Backbone, load_backbone
 from composer.config import MultiTaskConfig
 from composer.encoding import pad_batch
-from composer.errors import TrainingError
+from composer.errors import ComposerError, TrainingError
 from composer.evaluate import evaluate
 from composer.heads import resolve_head
 from composer.library import Library, check_compatible, check_name
@@ -344,7 +344,15 @@ def _train_multitask(cfg: MultiTaskConfig, run: RunFolder, library: Library, pro
                                  acc.device, acc.autocast)
         if cfg.save_prefix and acc.is_main_process:
             name = f"{cfg.save_prefix}{k}"
-            save_to_library(library, name, view, prep, cfg, r)
+            try:
+                save_to_library(library, name, view, prep, cfg, r)
+            except (ComposerError, OSError) as e:  # the training is not lost: the run folder holds it whole
+                result["per_task"][k] = r
+                run.write_result(result)
+                why = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise TrainingError(f"trained, but could not save '{name}' ({why}); the run is whole in {run_dir}: "
+                                    f"save every task with `prompt-composer train --resume {run_dir} --save-prefix "
+                                    "PREFIX`") from None
             r["saved"] = name
         result["per_task"][k] = r
     result["mean_dev"] = sum(r["dev"]["score"] for r in result["per_task"].values()) / len(keys)

@@ -500,6 +500,29 @@ def test_a_run_that_could_not_save_is_saved_by_resume_with_a_new_name(toy_task, 
     assert "bad --save '../x'" in err
 
 
+def test_a_multitask_run_that_could_not_save_is_saved_by_resume_with_a_new_prefix(toy_task, tiny_bert_dir, tmp_path,
+                                                                                  in_tmp, monkeypatch):
+    import composer.multitask as M
+    from tests.conftest import write_toy_task
+
+    other = write_toy_task(tmp_path, name="toy2", seed=1)
+    real = M.save_to_library
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(M, "save_to_library", full_disk)
+    base = ["train", "--multitask", "--tasks", f"{toy_task},{other}", "--model", tiny_bert_dir, "--max-eval", "8",
+            "--run-dir", in_tmp / "runs" / "mt", *TINY]
+    err = one_line(run(*base, "--save-prefix", "a-", ok=False))
+    assert "trained, but could not save 'a-toy' ([Errno 28] No space left on device)" in err
+    assert "--resume" in err and "--save-prefix PREFIX" in err
+    monkeypatch.setattr(M, "save_to_library", real)
+    res = json.loads(run("train", "--resume", in_tmp / "runs" / "mt", "--save-prefix", "b-", "--quiet",
+                         "--json").stdout)
+    assert res["steps"] == 2 and sorted(Library().names()) == ["b-toy", "b-toy2"]
+
+
 def test_resume_from_broken_run_files_is_one_line(toy_task, tiny_bert_dir, in_tmp):
     run("train", toy_task, "--model", tiny_bert_dir, "--save", "r", *TINY)
     folder = in_tmp / "runs" / "r"
