@@ -1,11 +1,15 @@
 """Scoring a prompted model on a split: logits, probabilities and the task's metric."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from composer import metrics as M
+from composer.atomic import atomic_write_text
 from composer.encoding import Encoded, eos_id
 from composer.generation import cut_at_stop
 
@@ -105,11 +109,6 @@ def evaluate_generation(pm, spec, enc: Encoded, batch_size: int = 32, device=Non
 
 def write_predictions(path, rows: list[dict]) -> None:
     """Each row's generation and references as JSON lines, written atomically."""
-    import json
-    from pathlib import Path
-
-    from composer.atomic import atomic_write_text
-
     atomic_write_text(Path(path), "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rows))
 
 

@@ -38,7 +38,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from composer.errors import ComposerError, LibraryError, TrainingError
-from composer.model import MultiTaskModel, PromptedModel
+from composer import graph as G_
+from composer.model import MultiTaskModel, PromptedModel, build_model, trained_label_temperature
+from composer.prefix import geometry
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +297,7 @@ def teacher_name(library, key: str, graph_prompt: str | None) -> str | None:
 def setup_mpt(cfg, found: list, backbone, library, entry_of) -> MPTSetup:
     """Find every task's teacher, check they fit one shared prompt, and build P* (the teachers' mean) with
     factors at ones. ``entry_of(name, what)`` loads a library entry checked against the run's backbone."""
-    from composer.prompts import init_prompt
+    from composer.prompts import init_prompt  # prompts imports this module (MPT inits): not at the top, or a circle
 
     keys = [k for k, _, _ in found]
     distill = cfg.distill_kl > 0 or cfg.distill_hidden > 0
@@ -351,7 +353,6 @@ def setup_mpt(cfg, found: list, backbone, library, entry_of) -> MPTSetup:
 def build_mpt_model(backbone, setup: MPTSetup, views: dict, specs: dict, cfg) -> MPTModel:
     """The MPTModel over the task views (their heads) and each task's teacher: its prompt, with the head it
     was trained with (a linear head's weights from its entry; the student's linear head starts there too)."""
-    from composer.model import build_model, trained_label_temperature
 
     teachers = {}
     for k, (entry, tensor) in setup.teacher_entries.items():
@@ -381,7 +382,6 @@ def save_mpt_entry(library, name: str, model: MPTModel, backbone, cfg, setup: MP
                            "rank": mpt.u.shape[2], "multitask": setup.keys,
                            "temperature": cfg.sampling_temperature}}
     if mpt.kind == "prefix":
-        from composer.prefix import geometry
 
         meta["prefix_heads"] = geometry(backbone.network, backbone.family).kv_heads
     library.save(name, mpt.shared, meta, extras={MPT_EXTRA: {"u": mpt.u, "v": mpt.v}})
@@ -394,7 +394,6 @@ def is_mpt(entry) -> bool:
 
 def _similar_source(entry, tasks: list[str], target: str | None) -> str:
     """The entry's source task with the heaviest similar edge into ``target`` in the graph it was trained on."""
-    from composer import graph as G_
 
     prov = entry.meta.get("provenance") or {}
     if not prov.get("graph"):

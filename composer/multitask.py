@@ -45,6 +45,7 @@ from composer.backbones import Backbone, load_backbone
 from composer.config import MultiTaskConfig
 from composer.encoding import pad_batch
 from composer.errors import ComposerError, TrainingError
+from composer.mpt import build_mpt_model, save_mpt_entry
 from composer.evaluate import evaluate
 from composer.heads import resolve_head
 from composer.library import Library, check_compatible, check_name
@@ -181,7 +182,6 @@ def prepare_multitask(cfg: MultiTaskConfig, backbone: Backbone | None = None,
         prov.update(multitask=[k for k, _, _ in found], temperature=cfg.sampling_temperature, composer=cfg.composer)
         preps[key] = Prepared(backbone, spec, train, dev, test, None, prov)
     if mpt is not None:
-        from composer.mpt import build_mpt_model
 
         model = build_mpt_model(backbone, mpt, views, {k: p.spec for k, p in preps.items()}, cfg)
     else:
@@ -357,8 +357,6 @@ def _train_multitask(cfg: MultiTaskConfig, run: RunFolder, library: Library, pro
         result["per_task"][k] = r
     result["mean_dev"] = sum(r["dev"]["score"] for r in result["per_task"].values()) / len(keys)
     if final is not None and cfg.save_prefix and acc.is_main_process:
-        from composer.mpt import save_mpt_entry
-
         load_trainable(core, final)
         name = f"{cfg.save_prefix}shared"
         save_mpt_entry(library, name, core, mp.backbone, cfg, mp.mpt, {"steps": step})

@@ -32,6 +32,7 @@ from composer import merging
 from composer.config import ComposeConfig
 from composer.errors import ComposeError, ComposerError
 from composer.library import Library
+from composer.prompts import init_prompt
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,6 @@ def recover_init(name: str, prompt: torch.Tensor, meta: dict, library: Library,
     """The prompt entry ``name`` started from -> (init of ``prompt``'s shape, what was recovered).
 
     ``backbone()`` loads the backbone when the init needs it (random, vocab, text, an induced prefix)."""
-    from composer.prompts import init_prompt
 
     prov = meta.get("provenance") or {}
     kind = meta.get("kind", "prompt")
