@@ -145,16 +145,7 @@ def run(bench: Bench, target: str, graph_file: Path) -> dict:
                        candidates=info["candidates"], weights=info["weights"])
             composed[arm] = rec
             add(arm, rec)
-        if "full" in cfg.arms:
-            add("full", bench.tune(target, "random", seed, cfg.steps, f"full-s{seed}", mode="joint",
-                                   prompt_length=cfg.full_prompt_length))
-        if "joint" in cfg.arms:
-            if not composed:
-                skipped["joint"] = "no composed arm ran"
-            else:
-                arm = max(composed, key=lambda a: (composed[a]["initial"], composed[a]["dev"]))
-                rec = bench.tune(target, composed[arm]["init"], seed, cfg.steps, f"joint-{arm}-s{seed}", mode="joint")
-                add("joint", dict(rec, from_arm=arm))
+        bench.full_and_joint(target, seed, composed, add, skipped)
     return {"modules": modules, "subtasks": subs, "graph": str(graph_path), "runs": runs, "skipped": skipped}
 
 

@@ -8,6 +8,9 @@ finished run is read back instead of trained again.
 
     from peft_arm import run_peft
     rec = run_peft(bench, "cr-fs", seed=0, steps=40, run_name="peft-s0")
+
+run_peft_generation is the same arm for a generation task on a decoder (bench/dialogue.py): PEFT's own causal-LM
+loss, decoded by our generation. Both run in one loop (_run); only the model, the loss and the evaluation differ.
 """
 from __future__ import annotations
 
@@ -73,15 +76,14 @@ def peft_logits(arm: PeftArm, enc, pad_id: int, batch_size: int = 64) -> torch.T
     return torch.stack(out)
 
 
-def run_peft(bench, task: str, seed: int, steps: int, run_name: str) -> dict:
-    """One PEFT PromptTuning run of ``task`` -> its record (read back from bench.runs/TASK/RUN_NAME when
-    finished).
+def _run(bench, task: str, seed: int, steps: int, run_name: str, build) -> dict:
+    """The loop both PEFT arms share -> the run's record (read back from bench.runs/TASK/RUN_NAME when finished).
 
-    ``bench`` is a bench/transfer.py Bench: its cfg (model, batch, lr, prompt length, evaluations), backbone,
-    library, run folders, records and time budget.
+    Same data (k-shot included), init (random's), optimizer, schedule, clipping, dev evaluations and best-dev
+    prompt as a composer run of the same target and seed. ``build(prep, tc)`` makes the arm: (its prompt
+    parameter, its optimizer over what trains, step_loss(batch) in train mode, evaluate(enc, keep) -> the
+    task's scores, with predictions when ``keep``).
     """
-    from composer.evaluate import score
-    from composer.model import freeze_backbone
     from composer.runstate import BatchPlan, lr_lambda
     from composer.train import TrainConfig, prepare
 
@@ -94,28 +96,21 @@ def run_peft(bench, task: str, seed: int, steps: int, run_name: str) -> dict:
         return rec
     bench.may_start(f"{task} {run_name}")
     tc = TrainConfig(task=task, backbone=cfg.model, prompt_length=cfg.prompt_length, steps=steps,
-                     batch_size=cfg.batch_size, lr=cfg.lr, seed=seed, data_dir=cfg.data_dir)
+                     batch_size=cfg.batch_size, lr=cfg.lr, seed=seed, k_shot=cfg.k_shot, data_dir=cfg.data_dir)
     prep = prepare(tc, backbone=bench.bb, library=bench.lib)  # random's init, data and head
-    freeze_backbone(prep.model)
-    loss = head_loss(prep.model.head, prep.model, tc.label_temperature, tc.max_grad_norm)
     dev = prep.dev.subset(cfg.max_eval, 0)  # the dev and test subsets of every other arm
     test = prep.test.subset(cfg.max_test, 0) if prep.test is not None else None
-    init = prep.model.prompt_source.weight.detach().clone()  # [P, H]
-    own = types.SimpleNamespace(model=copy.deepcopy(bench.bb.network), family=bench.bb.family)  # PEFT wraps it
-    arm = PeftArm(own, cfg.prompt_length, init, cfg.lr, loss)
-    warmup = int(tc.warmup * steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(arm.optimizer, lr_lambda(tc.schedule, warmup, steps))
+    prompt, optimizer, step_loss, evaluate = build(prep, tc)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc.schedule, int(tc.warmup * steps), steps))
     pad = bench.bb.tokenizer.pad_token_id
     plan = BatchPlan(len(prep.train), cfg.batch_size, seed)
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     curve: tuple[list[int], list[float]] = ([], [])
 
-    def evaluate(enc) -> dict:
-        return score(prep.spec, peft_logits(arm, enc, pad), enc)
-
     def do_eval(step: int) -> float:
-        r = evaluate(dev)
+        r = evaluate(dev, False)
         curve[0].append(step)
         curve[1].append(r["score"])
         with open(run_dir / "metrics.jsonl", "a") as f:
@@ -124,33 +119,64 @@ def run_peft(bench, task: str, seed: int, steps: int, run_name: str) -> dict:
 
     t0, load0 = time.time(), os.getloadavg()[0]
     best = initial = do_eval(0)
-    best_step, best_prompt = 0, arm.prompt().detach().clone()
+    best_step, best_prompt = 0, prompt.detach().clone()
     for step in range(steps):
         b = prep.train.batch(plan.indices(step), pad)
         torch.random.default_generator.manual_seed(seed * 1_000_003 + step)  # dropout, as train.py
-        arm.model.train()
-        out = peft_scores(arm, b["input_ids"], b["attention_mask"])  # [B, C]
-        lo = F.cross_entropy(out, b["labels"].to(out.device))
-        lo.backward()
-        torch.nn.utils.clip_grad_norm_(arm.params, tc.max_grad_norm)
-        arm.optimizer.step()
+        step_loss(b).backward()
+        torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
+        optimizer.step()
         sched.step()
-        arm.optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         if (step + 1) % cfg.eval_every == 0 or step + 1 == steps:
             s = do_eval(step + 1)
             if s > best:
-                best, best_step, best_prompt = s, step + 1, arm.prompt().detach().clone()
+                best, best_step, best_prompt = s, step + 1, prompt.detach().clone()
     seconds = time.time() - t0
     with torch.no_grad():
-        arm.prompt().copy_(best_prompt)
+        prompt.copy_(best_prompt)
     rec = {"init": "random (PEFT PromptTuning)", "seed": seed, "mode": "prompt",
            "prompt_length": cfg.prompt_length, "steps": steps, "initial": initial, "dev": best,
-           "dev_last": curve[1][-1], "test": evaluate(test)["score"] if test is not None else None,
-           "best_step": best_step, "curve": curve, "seconds": round(seconds, 2),
-           "s_per_step": seconds / steps, "load": [round(load0, 2), round(os.getloadavg()[0], 2)],
-           "run_dir": str(run_dir), "metric": prep.spec.metric}
-    arm = own = None  # free the model copy before the next arm (the closures above are done with it)
+           "dev_last": curve[1][-1], "test": None, "best_step": best_step, "curve": curve,
+           "seconds": round(seconds, 2), "s_per_step": seconds / steps,
+           "load": [round(load0, 2), round(os.getloadavg()[0], 2)], "run_dir": str(run_dir),
+           "metric": prep.spec.metric}
+    if test is not None:
+        r = evaluate(test, True)
+        rec["test"] = r["score"]
+        if "metrics" in r:  # a generation task: every metric, and a few generations
+            rec.update(test_metrics=r["metrics"], examples=r["predictions"][:3])
     return bench.store(run_dir / "record.json", rkey, rec)
+
+
+def run_peft(bench, task: str, seed: int, steps: int, run_name: str) -> dict:
+    """One PEFT PromptTuning run of a classification ``task`` (our head's loss on PEFT's outputs) -> its record.
+
+    ``bench`` is a bench/transfer.py Bench: its cfg (model, batch, lr, prompt length, evaluations), backbone,
+    library, run folders, records and time budget.
+    """
+    from composer.evaluate import score
+    from composer.model import freeze_backbone
+
+    def build(prep, tc):
+        freeze_backbone(prep.model)
+        loss = head_loss(prep.model.head, prep.model, tc.label_temperature, tc.max_grad_norm)
+        init = prep.model.prompt_source.weight.detach().clone()  # [P, H]
+        own = types.SimpleNamespace(model=copy.deepcopy(bench.bb.network), family=bench.bb.family)  # PEFT wraps it
+        arm = PeftArm(own, tc.prompt_length, init, tc.lr, loss)
+        pad = bench.bb.tokenizer.pad_token_id
+
+        def step_loss(b):
+            arm.model.train()
+            out = peft_scores(arm, b["input_ids"], b["attention_mask"])  # [B, C]
+            return F.cross_entropy(out, b["labels"].to(out.device))
+
+        def evaluate(enc, keep):
+            return score(prep.spec, peft_logits(arm, enc, pad), enc)
+
+        return arm.prompt(), arm.optimizer, step_loss, evaluate
+
+    return _run(bench, task, seed, steps, run_name, build)
 
 
 def peft_generation_loss(model, P: int, input_ids: torch.Tensor, mask: torch.Tensor,
@@ -178,86 +204,34 @@ def peft_generation_loss(model, P: int, input_ids: torch.Tensor, mask: torch.Ten
 def run_peft_generation(bench, task: str, seed: int, steps: int, run_name: str) -> dict:
     """One PEFT PromptTuning run of a generation ``task`` on a decoder -> its record (read back when finished).
 
-    Trained by PEFT's own forward and loss (peft_generation_loss); the same data order, init (random's),
-    optimizer, schedule and clipping as our runs. Its prompt is evaluated by our decoding on the same dev and
-    test subsets as every other arm (a decoder's prompt sits in front in both, and bench/generation_speed.py
-    checks that PEFT's forward gives our target NLL), so the two differ in training only. PEFT's own generate
-    is not used: with transformers 5 it drops the position ids and its tokens after the first can differ.
+    Trained by PEFT's own forward and loss (peft_generation_loss), in the loop run_peft's arm runs in. Its
+    prompt is evaluated by our decoding on the same dev and test subsets as every other arm (a decoder's prompt
+    sits in front in both, and bench/generation_speed.py checks that PEFT's forward gives our target NLL), so
+    the two differ in training only. PEFT's own generate is not used: with transformers 5 it drops the position
+    ids and its tokens after the first can differ.
     """
-    from composer.evaluate import evaluate
-    from composer.runstate import BatchPlan, lr_lambda
-    from composer.train import TrainConfig, prepare
-
-    cfg = bench.cfg
-    run_dir = bench.runs / task / run_name
-    rkey = bench.run_key(arm="peft", task=task, init="random", seed=seed, steps=steps,
-                         prompt_length=cfg.prompt_length)
-    rec = bench.stored(run_dir / "record.json", rkey)
-    if rec is not None:
-        return rec
-    bench.may_start(f"{task} {run_name}")
     from peft import PromptTuningConfig, TaskType, get_peft_model
 
-    tc = TrainConfig(task=task, backbone=cfg.model, prompt_length=cfg.prompt_length, steps=steps,
-                     batch_size=cfg.batch_size, lr=cfg.lr, seed=seed, k_shot=cfg.k_shot, data_dir=cfg.data_dir)
-    prep = prepare(tc, backbone=bench.bb, library=bench.lib)  # random's init and data; ours evaluates
-    dev = prep.dev.subset(cfg.max_eval, 0)
-    test = prep.test.subset(cfg.max_test, 0) if prep.test is not None else None
-    ours = prep.model.prompt_source.weight  # [P, H]
-    own = copy.deepcopy(bench.bb.network)
-    model = get_peft_model(own, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=cfg.prompt_length))
-    prompt = model.prompt_encoder["default"].embedding.weight
-    with torch.no_grad():
-        prompt.copy_(ours.detach())
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc.schedule, int(tc.warmup * steps), steps))
-    pad = bench.bb.tokenizer.pad_token_id
-    plan = BatchPlan(len(prep.train), cfg.batch_size, seed)
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True)
-    curve: tuple[list[int], list[float]] = ([], [])
+    from composer.evaluate import evaluate as our_evaluate
 
-    def evaluate_split(enc, keep: bool = False) -> dict:
+    def build(prep, tc):
+        ours = prep.model.prompt_source.weight  # [P, H]: random's init; what our evaluation reads
+        model = get_peft_model(copy.deepcopy(bench.bb.network),
+                               PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=tc.prompt_length))
+        prompt = model.prompt_encoder["default"].embedding.weight
         with torch.no_grad():
-            ours.copy_(prompt.detach())
-        return evaluate(prep.model, prep.spec, enc, keep_predictions=keep)
+            prompt.copy_(ours.detach())
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr, weight_decay=0.0)
 
-    def do_eval(step: int) -> float:
-        r = evaluate_split(dev)
-        curve[0].append(step)
-        curve[1].append(r["score"])
-        with open(run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, "eval": r}) + "\n")
-        return r["score"]
+        def step_loss(b):
+            model.train()
+            return peft_generation_loss(model, tc.prompt_length, b["input_ids"], b["attention_mask"], b["targets"])
 
-    t0, load0 = time.time(), os.getloadavg()[0]
-    best = initial = do_eval(0)
-    best_step, best_prompt = 0, prompt.detach().clone()
-    for step in range(steps):
-        b = prep.train.batch(plan.indices(step), pad)
-        torch.random.default_generator.manual_seed(seed * 1_000_003 + step)  # dropout, as train.py
-        model.train()
-        lo = peft_generation_loss(model, cfg.prompt_length, b["input_ids"], b["attention_mask"], b["targets"])
-        lo.backward()
-        torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == steps:
-            s = do_eval(step + 1)
-            if s > best:
-                best, best_step, best_prompt = s, step + 1, prompt.detach().clone()
-    seconds = time.time() - t0
-    with torch.no_grad():
-        prompt.copy_(best_prompt)
-    rec = {"init": "random (PEFT PromptTuning)", "seed": seed, "mode": "prompt",
-           "prompt_length": cfg.prompt_length, "steps": steps, "initial": initial, "dev": best,
-           "dev_last": curve[1][-1], "best_step": best_step, "curve": curve, "seconds": round(seconds, 2),
-           "s_per_step": seconds / steps, "load": [round(load0, 2), round(os.getloadavg()[0], 2)],
-           "run_dir": str(run_dir), "metric": prep.spec.metric, "test": None}
-    if test is not None:
-        r = evaluate_split(test, keep=True)
-        rec.update(test=r["score"], test_metrics=r["metrics"], examples=r["predictions"][:3])
-    model = own = None  # free the copy before the next arm
-    return bench.store(run_dir / "record.json", rkey, rec)
+        def evaluate(enc, keep):
+            with torch.no_grad():
+                ours.copy_(prompt.detach())
+            return our_evaluate(prep.model, prep.spec, enc, keep_predictions=keep)
+
+        return prompt, opt, step_loss, evaluate
+
+    return _run(bench, task, seed, steps, run_name, build)

@@ -367,6 +367,22 @@ class Bench:
         rec = self.cache[key] = self.store(run_dir / "record.json", rkey, rec)
         return rec
 
+    def full_and_joint(self, target: str, seed: int, composed: dict[str, dict], add, skipped: dict[str, str]) -> None:
+        """The arms that tune the backbone, where cfg.arms asks for them: full (every weight, from random, one
+        virtual token) and joint (prompt + model from the composed init that scores best on dev before tuning;
+        ties: after prompt tuning). ``add(arm, record)`` takes each finished run."""
+        cfg = self.cfg
+        if "full" in cfg.arms:
+            add("full", self.tune(target, "random", seed, cfg.steps, f"full-s{seed}", mode="joint",
+                                  prompt_length=cfg.full_prompt_length))
+        if "joint" in cfg.arms:
+            if not composed:
+                skipped["joint"] = "no composed arm ran"
+                return
+            arm = max(composed, key=lambda a: (composed[a]["initial"], composed[a]["dev"]))
+            rec = self.tune(target, composed[arm]["init"], seed, cfg.steps, f"joint-{arm}-s{seed}", mode="joint")
+            add("joint", dict(rec, from_arm=arm))
+
     def peft(self, task: str, seed: int, steps: int, run_name: str) -> dict:
         """PEFT PromptTuning: same data order, init, loss, optimizer, schedule, clipping and evaluations."""
         from peft_arm import run_peft
@@ -484,18 +500,7 @@ class Bench:
                     rec = self.tune(target, f"library:{name}", seed, cfg.steps, f"{arm}-s{seed}")
                 composed[arm] = rec
                 add(arm, rec)
-            if "full" in cfg.arms:
-                add("full", self.tune(target, "random", seed, cfg.steps, f"full-s{seed}", mode="joint",
-                                      prompt_length=cfg.full_prompt_length))
-            if "joint" in cfg.arms:
-                if not composed:
-                    skipped["joint"] = "no composed arm ran"
-                else:
-                    # the composed init that scores best on dev before tuning (ties: after prompt tuning)
-                    arm = max(composed, key=lambda a: (composed[a]["initial"], composed[a]["dev"]))
-                    rec = self.tune(target, composed[arm]["init"], seed, cfg.steps, f"joint-{arm}-s{seed}",
-                                    mode="joint")
-                    add("joint", dict(rec, from_arm=arm))
+            self.full_and_joint(target, seed, composed, add, skipped)
 
         # transferability: each source as init, the first seed, a short budget, against random
         seed0 = cfg.seeds[0]

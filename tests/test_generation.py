@@ -95,14 +95,18 @@ def test_target_nll_is_the_models_own_loss_on_the_target(copy_task, tokenizer, f
             torch.testing.assert_close(got[r], want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("num_beams", [1, 3])
-def test_batched_decoding_equals_one_row_at_a_time_and_the_cache_does_not_matter(tokenizer, num_beams):
-    net = tiny_model("decoder").eval()
-    bb = wrap(net, tokenizer, name="tiny-decoder", family="decoder")
+def two_rows_on_a_tiny_decoder(tokenizer):
+    """A tiny decoder with a seeded 3-token prompt, and two right-padded rows of different lengths."""
+    bb = wrap(tiny_model("decoder").eval(), tokenizer, name="tiny-decoder", family="decoder")
     spec = type("S", (), {"name": "s", "is_generation": True})()
     pm = build_model(bb, spec, torch.randn(3, 32, generator=torch.Generator().manual_seed(0)) * 0.5).eval()
     ids = torch.tensor([[101, 2000, 2001, 2002], [101, 2003, 0, 0]])
-    mask = (ids != 0).long()
+    return pm, ids, (ids != 0).long()
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_batched_decoding_equals_one_row_at_a_time_and_the_cache_does_not_matter(tokenizer, num_beams):
+    pm, ids, mask = two_rows_on_a_tiny_decoder(tokenizer)
     both = pm.generate(ids, mask, max_new_tokens=5, num_beams=num_beams)
     assert torch.equal(both, pm.generate(ids, mask, max_new_tokens=5, num_beams=num_beams, use_cache=False))
     for r in range(2):
@@ -115,12 +119,7 @@ def test_a_stop_string_ends_decoding_and_leaves_the_text_before_it(tokenizer):
     """Decoding stops once each row's text holds a stop string; the text up to it is what it was without stops."""
     from composer.generation import cut_at_stop
 
-    net = tiny_model("decoder").eval()
-    bb = wrap(net, tokenizer, name="tiny-decoder", family="decoder")
-    spec = type("S", (), {"name": "s", "is_generation": True})()
-    pm = build_model(bb, spec, torch.randn(3, 32, generator=torch.Generator().manual_seed(0)) * 0.5).eval()
-    ids = torch.tensor([[101, 2000, 2001, 2002], [101, 2003, 0, 0]])
-    mask = (ids != 0).long()
+    pm, ids, mask = two_rows_on_a_tiny_decoder(tokenizer)
     free = pm.generate(ids, mask, max_new_tokens=8)
     texts = [tokenizer.decode(r, skip_special_tokens=True) for r in free.tolist()]
     stop = [texts[0].split()[1]]  # the first row's second word: that row ends early
