@@ -271,3 +271,25 @@ def test_model_based_composers_take_a_generation_target(copy_task, tiny_llama_di
         assert "per_class" not in r and e.extra("composer") is not None
     with pytest.raises(ComposeError, match="--shots 999 is larger than copy's training set"):
         compose(ComposeConfig(graph=str(graph), target="copy", strategy=strategy, shots=999, seed=0))
+
+
+def test_a_peft_prompt_tuning_adapter_generates_our_text_with_its_cache_off(tokenizer):
+    """The same prompt in PEFT's PromptTuning decodes the tokens ours does on an unpadded row with use_cache=False.
+
+    With its cache on, PEFT 0.21 + transformers 5 can diverge after the first token on a real decoder
+    (smollm2-135m, bench/RESULTS.md), so only the cache-off path is held to ours here.
+    """
+    import copy
+
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+
+    pm, ids, mask = two_rows_on_a_tiny_decoder(tokenizer)
+    prompt = pm.prompt_source.weight.detach()
+    peft_model = get_peft_model(copy.deepcopy(pm.backbone.network),
+                                PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=prompt.shape[0]))
+    with torch.no_grad():
+        peft_model.prompt_encoder["default"].embedding.weight.copy_(prompt)
+        ours = pm.generate(ids[:1], mask[:1], max_new_tokens=6)
+        theirs = peft_model.eval().generate(input_ids=ids[:1], attention_mask=mask[:1], max_new_tokens=6,
+                                            do_sample=False, use_cache=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(theirs[0, ids.shape[1]: ids.shape[1] + ours.shape[1]], ours[0])
