@@ -329,6 +329,12 @@ def task_check(name, data_dir, as_json):
 @train_option("init")
 @train_option("mode")
 @train_option("unfreeze")
+@train_option("adapter")
+@train_option("lora_r")
+@train_option("lora_alpha")
+@train_option("lora_dropout")
+@train_option("lora_targets")
+@train_option("lora_lr")
 @train_option("steps")
 @train_option("batch_size")
 @train_option("lr", "--prompt-lr")
@@ -367,6 +373,7 @@ def train(ctx, resume, multitask, plot, quiet, as_json, **settings):
       prompt-composer train polarity --model minilm --prompt-length 20 --steps 300 --save polarity-minilm
       prompt-composer train sst2 --model smollm2-135m --data-dir ../shared/data --steps 50 --save sst2-smol
       prompt-composer train rte --init library:rte-composed --mode joint --unfreeze last:2 --save rte-joint
+      prompt-composer train rte --init library:rte-composed --mode joint --adapter lora --lora-r 8 --save rte-lora
       prompt-composer train polarity --resume runs/polarity-minilm
       prompt-composer train --graph graphs/demo.yaml --multitask --temperature 2 --steps 2000 --save-prefix mt-
       prompt-composer train --graph demo --multitask --shared mpt --save-prefix mpt-   (then --init library:mpt-shared)

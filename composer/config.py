@@ -38,6 +38,7 @@ layer's (deep prompt tuning: prefix tuning, P-tuning v2; composer/prefix.py)."""
 INITS = ("random", "vocab", "text", "library")
 """Prompt initialisations; ``text`` and ``library`` also take an argument (text:WORDS, library:NAME)."""
 MODES = ("prompt", "joint")
+ADAPTERS = ("none", "lora")
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("no", "bf16", "fp16")
 MULTITASK_COMPOSERS = ("none", "attention")
@@ -228,6 +229,14 @@ class TrainConfig(TuningConfig):
 
     task: str = opt(help="Task spec name or path to a YAML file.", flag="TASK")
     save: str | None = opt(None, "Save the best prompt to the library under this name.")
+    adapter: str = opt("none", "Joint mode: none (the backbone weights --unfreeze picks train) or lora (PEFT's LoRA "
+                               "layers train instead, saved beside the prompt).", choices=ADAPTERS)
+    lora_r: int = opt(8, "--adapter lora: the rank r.")
+    lora_alpha: float = opt(16.0, "--adapter lora: alpha (the update is scaled by alpha / r).")
+    lora_dropout: float = opt(0.0, "--adapter lora: dropout on the LoRA input.")
+    lora_targets: str | None = opt(None, "--adapter lora: comma-separated module names (default: PEFT's choice "
+                                         "for the architecture, the attention query/value projections).")
+    lora_lr: float = opt(5e-4, "--adapter lora: learning rate of the LoRA weights.")
     prompt_position: str = opt("after-cls", "Where an input-level prompt goes on a BERT-style encoder: after-cls "
                                             "([CLS] prompt text) | front (prompt [CLS] text, PEFT's placement: "
                                             "its PromptTuning export gives the same outputs). Other backbones: "
@@ -244,6 +253,21 @@ class TrainConfig(TuningConfig):
             check_name(self.save, "--save")
         if not self.backbone:
             raise TrainingError("a single-task run needs a backbone: give --model (e.g. minilm)")
+        if self.adapter not in ADAPTERS:
+            raise TrainingError(f"unknown --adapter {self.adapter!r}: use one of {', '.join(ADAPTERS)}")
+        if self.adapter == "lora":
+            if self.mode != "joint":
+                raise TrainingError("--adapter lora trains beside the prompt in joint mode: add --mode joint")
+            if self.unfreeze != "all":
+                raise TrainingError(f"--adapter lora trains LoRA weights, not backbone weights: drop --unfreeze "
+                                    f"{self.unfreeze}")
+            if self.lora_r <= 0 or not (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)):
+                raise TrainingError(f"--lora-r and --lora-alpha must be positive, got {self.lora_r} and "
+                                    f"{self.lora_alpha}")
+            if not 0 <= self.lora_dropout < 1:
+                raise TrainingError(f"--lora-dropout is a probability in [0, 1), got {self.lora_dropout}")
+            if not (self.lora_lr > 0 and math.isfinite(self.lora_lr)):
+                raise TrainingError(f"--lora-lr must be a finite number > 0, got {self.lora_lr}")
         if self.prompt_position not in POSITIONS:
             raise TrainingError(f"unknown --prompt-position {self.prompt_position!r}: use one of {', '.join(POSITIONS)}")
         super().__post_init__()

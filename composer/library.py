@@ -4,7 +4,7 @@
     ROOT/NAME/prompt.json          task, backbone, family, hidden_size, length, head, metrics,
                                    config, provenance, version, created
     ROOT/NAME/*.safetensors        optional extras: head.safetensors (linear head),
-                                   composer.safetensors (attention composer), backbone.safetensors (joint delta)
+                                   composer.safetensors (attention composer), backbone.safetensors (joint delta), lora.safetensors (joint + LoRA)
 
 ROOT is ``--library DIR``, else $PROMPT_COMPOSER_LIBRARY, else $XDG_DATA_HOME/prompt-composer/library
 (~/.local/share/prompt-composer/library). An entry is written into a temporary folder beside it and
@@ -40,7 +40,7 @@ PROMPT_FILE = "prompt.safetensors"
 META_FILE = "prompt.json"
 PROMPT_KEY = "prompt_embeddings"
 KNOWN_KEYS = {"name", "task", "backbone", "family", "hidden_size", "length", "head", "metrics", "config",
-              "provenance", "version", "created", "extras", "kind", "prefix_shape", "prefix_heads", "position"}
+              "provenance", "version", "created", "extras", "kind", "prefix_shape", "prefix_heads", "position", "lora"}
 
 
 def default_root() -> Path:

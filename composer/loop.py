@@ -32,6 +32,7 @@ from accelerate.state import AcceleratorState, PartialState
 
 from composer.atomic import atomic_write_text
 from composer.config import TuningConfig, parse_unfreeze
+from composer.lora import is_lora_param
 from composer.encoding import Encoded, encode_split
 from composer.errors import TrainingError
 from composer.model import attention_kernels, freeze_backbone, set_activation_checkpointing
@@ -91,7 +92,13 @@ def param_groups(cfg: TuningConfig, model) -> list[dict]:
     ``model`` is a PromptedModel or a MultiTaskModel; the backbone is frozen first, then unfrozen as chosen."""
     freeze_backbone(model)
     backbone_params = []
-    if cfg.mode == "joint":
+    lora = cfg.mode == "joint" and getattr(cfg, "adapter", "none") == "lora"  # single-task runs only
+    if lora:  # PEFT's LoRA layers, injected by prepare: they train, no backbone weight does
+        for n, p in model.network.named_parameters():
+            if is_lora_param(n):
+                p.requires_grad_(True)
+                backbone_params.append(p)
+    elif cfg.mode == "joint":
         keep = backbone_filter(cfg.unfreeze, model.backbone.num_layers)
         for n, p in model.network.named_parameters():
             if keep(n):
@@ -100,7 +107,9 @@ def param_groups(cfg: TuningConfig, model) -> list[dict]:
     ids = {id(p) for p in model.network.parameters()}
     own = [p for p in model.parameters() if id(p) not in ids and p.requires_grad]
     groups = [{"params": own, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "name": "prompt"}]
-    if backbone_params:
+    if lora:
+        groups.append({"params": backbone_params, "lr": cfg.lora_lr, "weight_decay": 0.0, "name": "lora"})
+    elif backbone_params:
         groups.append({"params": backbone_params, "lr": cfg.model_lr, "weight_decay": 0.01, "name": "backbone"})
     return groups
 

@@ -25,6 +25,7 @@ from composer.errors import ComposerError, LibraryError, TrainingError
 from composer.generation import decode, target_nll
 from composer.heads import make_head, resolve_head
 from composer.library import check_compatible
+from composer.lora import load_lora
 from composer.prefix import PrefixPrompt, cache_keyword, check_reaches, is_prefix, prefix_cache
 from composer.prefix import geometry as prefix_geometry
 from composer.prompts import SoftPrompt, prepend
@@ -359,4 +360,6 @@ def from_library(entry, backbone: Backbone, spec, head: str | None = None,
                                f"'{backbone.name}' lacks; load it with the backbone it was tuned on "
                                f"('{entry.meta.get('backbone')}')")
         pm.network.load_state_dict(delta, strict=False)
+    if entry.meta.get("lora"):  # tuned with --adapter lora: PEFT's LoRA layers, frozen
+        load_lora(pm.network, entry.meta["lora"], entry.extra("lora") or {}, f"prompt '{entry.name}'")
     return pm

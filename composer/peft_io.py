@@ -41,6 +41,7 @@ from composer.atomic import atomic_write_text, swap_dir
 from composer.backbones import ALIASES, alias_path
 from composer.errors import BackboneError, LibraryError
 from composer.library import META_FILE, Entry, Library
+from composer.lora import write_peft_lora
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,9 @@ def export_peft(library: Library, name: str, out_dir: str | Path, base_model_nam
     rename). Load it with ``peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out_dir)``
     (AutoModelForSeq2SeqLM for encoder-decoders, AutoModel for encoders). Decoders and encoder-decoders
     give the same logits as our PromptedModel; for BERT-style encoders PEFT puts the prompt before [CLS]
-    where we put it after, so positions differ by the [CLS] placement.
+    where we put it after, so positions differ by the [CLS] placement. An entry tuned with ``--adapter lora``
+    also gets ``out_dir/lora``, a PEFT LoRA adapter: load it first (``PeftModel.from_pretrained(base,
+    out_dir / "lora").merge_and_unload()``), then the prompt adapter on the merged model.
     """
     entry = library.load(name)
     meta = entry.meta
@@ -170,14 +173,20 @@ def export_peft(library: Library, name: str, out_dir: str | Path, base_model_nam
         if p.is_dir():
             folder = p
     config = adapter_config(entry.prompt, family, base, **_shape_fields(folder))
-    _write_adapter(out, entry.prompt, config, _sidecar(meta))
+    more = None
+    if meta.get("lora"):  # joint prompt + LoRA: the LoRA is a second PEFT adapter, in LORA_DIR of the same folder
+        def more(tmp: Path) -> None:
+            write_peft_lora(tmp / LORA_DIR, meta["lora"], entry.extra("lora") or {}, base, config["task_type"])
+    _write_adapter(out, entry.prompt, config, _sidecar(meta), more)
     log.info("exported prompt '%s' [%d, %d] as a PEFT %s prompt-tuning adapter to %s",
              name, *entry.prompt.shape, config["task_type"], out)
     return out
 
 
 EXPORT_FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE, SIDECAR_FILE, "README.md"})
-"""What a previous export may hold: overwrite (--force) replaces a folder of these files only."""
+"""What a previous export may hold: overwrite (--force) replaces a folder of these files only (and LORA_DIR)."""
+LORA_DIR = "lora"
+"""The LoRA adapter of a joint prompt + LoRA entry, a PEFT LoRA adapter folder inside the prompt's export."""
 
 
 def _check_out(name: str, out_dir, overwrite: bool, library: Library | None = None) -> Path:
@@ -198,8 +207,8 @@ def _check_out(name: str, out_dir, overwrite: bool, library: Library | None = No
     if not overwrite:
         raise LibraryError(f"cannot export prompt '{name}': {out} exists and is not empty; "
                            f"give a new folder or pass overwrite (--force)")
-    foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if p.name not in EXPORT_FILES
-                     or not p.is_file())
+    foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir()
+                     if not (p.name in EXPORT_FILES and p.is_file() or _is_lora_export(p)))
     if foreign or CONFIG_FILE not in {p.name for p in out.iterdir()}:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         why = f"it holds {shown}" if foreign else f"it has no {CONFIG_FILE}"
@@ -207,6 +216,11 @@ def _check_out(name: str, out_dir, overwrite: bool, library: Library | None = No
                            f"PEFT export (--force replaces only a folder of {', '.join(sorted(EXPORT_FILES))}); "
                            "give a new folder")
     return out
+
+
+def _is_lora_export(p: Path) -> bool:
+    return p.name == LORA_DIR and p.is_dir() and all(f.is_file() and f.name in (CONFIG_FILE, WEIGHTS_FILE)
+                                                   for f in p.iterdir())
 
 
 def _sidecar(meta: dict) -> dict:
@@ -260,8 +274,9 @@ def _kv_heads(folder: Path | None) -> int | None:
     return v if isinstance(v, int) else None
 
 
-def _write_adapter(out: Path, table: torch.Tensor, config: dict, sidecar: dict) -> None:
-    """adapter_config.json + adapter_model.safetensors (+ our sidecar), written whole or not at all."""
+def _write_adapter(out: Path, table: torch.Tensor, config: dict, sidecar: dict, more=None) -> None:
+    """adapter_config.json + adapter_model.safetensors (+ our sidecar, + what ``more(folder)`` writes), written
+    whole or not at all."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -270,6 +285,8 @@ def _write_adapter(out: Path, table: torch.Tensor, config: dict, sidecar: dict) 
                   metadata={"format": "pt"})  # PEFT / transformers check this metadata key
         atomic_write_text(tmp / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
         atomic_write_text(tmp / SIDECAR_FILE, json.dumps(sidecar, indent=2, sort_keys=True, default=str) + "\n")
+        if more is not None:
+            more(tmp)
         with open(tmp / WEIGHTS_FILE, "rb") as fh:
             os.fsync(fh.fileno())
         swap_dir(tmp, out)  # an existing folder is empty here, or overwrite was asked for

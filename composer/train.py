@@ -28,6 +28,7 @@ from composer.errors import ComposerError, TrainingError
 from composer.evaluate import evaluate, write_predictions
 from composer.heads import resolve_head
 from composer.library import Library
+from composer.lora import add_lora, lora_state
 from composer.loop import (Optimizer, RunFolder, backbone_filter, check_resume, encode_splits, make_accelerator,
                            out_of_patience, seed_step, training_step)
 from composer.model import build_model, check_positions
@@ -76,6 +77,9 @@ def prepare(cfg: TrainConfig, backbone: Backbone | None = None, library: Library
         prompt, prov = init_prompt(cfg.init, cfg.prompt_length, backbone, spec, cfg.seed, library, kind=cfg.kind)
     pm = build_model(backbone, spec, prompt, head=cfg.head, label_temperature=cfg.label_temperature, seed=cfg.seed,
                      prefix_projection=cfg.prefix_projection, position=cfg.prompt_position)
+    if cfg.adapter == "lora":  # before the optimizer and any checkpoint load: they see the LoRA weights
+        pm.lora = add_lora(pm.network, {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
+                                        "targets": cfg.lora_targets})
     return Prepared(backbone, spec, train, dev, test, pm, prov)
 
 
@@ -206,7 +210,10 @@ def save_to_library(library: Library, name: str, pm, prep: Prepared, cfg, result
         tensors, conf = src.state_for_save()
         extras["composer"] = tensors
         prep.provenance["composer_config"] = conf
-    if cfg.mode == "joint":
+    lora = getattr(pm, "lora", None)
+    if lora:
+        extras["lora"] = lora_state(pm.network)
+    elif cfg.mode == "joint":
         keep = backbone_filter(cfg.unfreeze, prep.backbone.num_layers)
         delta = {n: p.detach() for n, p in pm.network.named_parameters() if keep(n)}
         if delta:
@@ -216,6 +223,8 @@ def save_to_library(library: Library, name: str, pm, prep: Prepared, cfg, result
     meta = {"task": prep.spec.name, "backbone": prep.backbone.name, "family": prep.backbone.family,
             "hidden_size": prep.backbone.hidden_size, "kind": pm.kind, "position": pm.position, "head": pm.head.kind, "metrics": {k: result[k] for k in ("dev", "test") if k in result},
             "config": cfg.to_dict(), "provenance": prep.provenance}
+    if lora:
+        meta["lora"] = lora
     if pm.kind == "prefix":
         meta["prefix_heads"] = pm.geometry.kv_heads  # what a PEFT PrefixTuning export needs to say
     return library.save(name, static, meta, extras=extras)
