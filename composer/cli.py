@@ -360,6 +360,8 @@ def task_check(name, data_dir, as_json):
 @train_option("tasks")
 @train_option("composer")
 @train_option("shared")
+@train_option("distill_kl")
+@train_option("distill_hidden")
 @train_option("save_prefix")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write the dev learning curve(s) as a PNG.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
