@@ -8,6 +8,8 @@ best on dev, the init included) as bench/transfer.py:
   prompt-composed prompt tuning from a composed init (--strategy over the top-k sources by zero-shot transfer)
   joint-random    prompt + every backbone weight, from a random prompt
   joint-composed  prompt + every backbone weight, from the composed init
+  joint-loraR     prompt + PEFT LoRA of rank R (4, 8 or 16; alpha 2R, PEFT's default targets, --lora-lr 5e-4), from
+                  a random prompt (`train --mode joint --adapter lora`); the backbone's own weights stay frozen
   multitask       one run per seed over the targets and the sources' few-shot splits at once (a prompt
                   per task, backbone frozen, size ** (1 / --temperature) sampling, --steps x number of
                   targets in all); each target is scored from its own best dev snapshot
@@ -38,7 +40,9 @@ from step_overhead import cpu_isa, cpu_label, cpu_model  # noqa: E402
 from transfer import ROOT, Bench, BenchConfig, default_data_dir, git_commit, say  # noqa: E402
 from transfer_report import fmt, mean_sd  # noqa: E402
 
-ARMS = ("full", "prompt-random", "prompt-composed", "joint-random", "joint-composed", "multitask")
+LORA_RANKS = (4, 8, 16)
+ARMS = ("full", "prompt-random", "prompt-composed", "joint-random", "joint-composed",
+        *(f"joint-lora{r}" for r in LORA_RANKS), "multitask")
 
 
 class JointBench(Bench):
@@ -100,14 +104,22 @@ def trainable_counts(bb, prompt_length: int, full_prompt_length: int) -> dict[st
     H = bb.model.get_input_embeddings().weight.shape[1]
     backbone = sum(p.numel() for p in bb.model.parameters())
     prompt, full_prompt = prompt_length * H, full_prompt_length * H
-    return {"full": backbone + full_prompt, "prompt-random": prompt, "prompt-composed": prompt,
-            "joint-random": backbone + prompt, "joint-composed": backbone + prompt, "multitask": prompt}
+    counts = {"full": backbone + full_prompt, "prompt-random": prompt, "prompt-composed": prompt,
+              "joint-random": backbone + prompt, "joint-composed": backbone + prompt, "multitask": prompt}
+    from composer.lora import default_targets
+
+    targets = default_targets(bb.model)
+    linears = [m for n, m in bb.model.named_modules() if n.split(".")[-1] in targets and hasattr(m, "in_features")]
+    for r in LORA_RANKS:  # A [r, in] + B [out, r] per target Linear
+        counts[f"joint-lora{r}"] = prompt + sum(r * (m.in_features + m.out_features) for m in linears)
+    return counts
 
 
 def run(cfg: BenchConfig, strategy: str, temperature: float, arms: tuple[str, ...]) -> dict:
     bench = JointBench(cfg)
     t0 = time.time()
-    sources = bench.train_sources()
+    # only the composed arms and multitask read the sources
+    sources = bench.train_sources() if {"prompt-composed", "joint-composed", "multitask"} & set(arms) else {}
     results: dict = {t: {"runs": {}, "composed": []} for t in cfg.targets}
     for target in cfg.targets:
         res = results[target]
@@ -125,6 +137,10 @@ def run(cfg: BenchConfig, strategy: str, temperature: float, arms: tuple[str, ..
             if "joint-random" in arms:
                 add("joint-random", bench.tune(target, "random", seed, cfg.steps, f"joint-random-s{seed}",
                                                mode="joint"))
+            for r in LORA_RANKS:
+                if f"joint-lora{r}" in arms:
+                    add(f"joint-lora{r}", bench.tune(target, "random", seed, cfg.steps, f"joint-lora{r}-s{seed}",
+                                                     mode="joint", lora_r=r))
             if {"prompt-composed", "joint-composed"} & set(arms):
                 init, info = bench.composed_init(target, sources, seed, strategy)
                 res["composed"].append(dict(info, seed=seed))

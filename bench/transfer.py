@@ -322,17 +322,19 @@ class Bench:
 
     # -- 2. one tuning run (memoised: the best arm and the seed-0 pair run of its source are one run) --
     def tune(self, task: str, init: str, seed: int, steps: int, run_name: str, mode: str = "prompt",
-             prompt_length: int | None = None, save: str | None = None, key_init: str | None = None) -> dict:
+             prompt_length: int | None = None, save: str | None = None, key_init: str | None = None,
+             lora_r: int | None = None) -> dict:
         from composer.train import TrainConfig, prepare, train
 
         cfg = self.cfg
         P = prompt_length or cfg.prompt_length
-        key = (task, key_init or init, seed, steps, mode, P)
+        key = (task, key_init or init, seed, steps, mode, P, lora_r)
+        lora = {} if lora_r is None else {"lora_r": lora_r}  # keyed only when set: older records stay valid
         if key in self.cache:
             return self.cache[key]
         run_dir = self.runs / task / run_name
         rkey = self.run_key(arm="composer", task=task, init=init, init_sha=self.entry_sha(init), seed=seed,
-                            steps=steps, mode=mode, prompt_length=P)
+                            steps=steps, mode=mode, prompt_length=P, **lora)
         # the seed-0 random run also saves the target's prompt: reuse it only while that prompt is there
         rec = self.stored(run_dir / "record.json", rkey) if save is None or self.lib.exists(save) else None
         if rec is not None:
@@ -343,7 +345,8 @@ class Bench:
         tc = TrainConfig(task=task, backbone=cfg.model, prompt_length=P, init=init, mode=mode, unfreeze="all",
                          steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, model_lr=cfg.model_lr,
                          eval_every=cfg.eval_every, checkpoint_every=steps, max_eval=cfg.max_eval, seed=seed,
-                         k_shot=cfg.k_shot, data_dir=cfg.data_dir, save=save, run_dir=str(run_dir))
+                         k_shot=cfg.k_shot, data_dir=cfg.data_dir, save=save, run_dir=str(run_dir),
+                         **({} if lora_r is None else dict(adapter="lora", lora_r=lora_r, lora_alpha=2.0 * lora_r)))
         # joint mode changes backbone weights in place: give it its own copy
         bb = self.bb if mode == "prompt" else dataclasses.replace(self.bb,
                                                                  network=copy.deepcopy(self.bb.network))
