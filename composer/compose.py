@@ -29,7 +29,7 @@ from composer.config import MERGING_STRATEGIES, STRATEGIES, ComposeConfig
 from composer.encoding import Encoded, encode_split
 from composer.errors import ComposeError
 from composer.evaluate import predict, score
-from composer.library import Library
+from composer.library import Library, prompt_position
 from composer.model import attention_kernels, build_model, freeze_backbone
 from composer.prefix import flat, is_prefix, unflat
 from composer.runstate import BatchPlan, progress_bar
@@ -92,7 +92,7 @@ def candidates(G, target: str, library: Library, metric: str | None = None, top_
                            + ", ".join(f"{k}={v}" for k, v in kinds.items())
                            + "; compose one kind (a prompt becomes a prefix with `train TASK --kind prefix "
                              "--init library:NAME`, which starts from the keys and values it induces)")
-    positions = {c.prompt_name: c.meta.get("position") or "after-cls" for c in out}
+    positions = {c.prompt_name: prompt_position(c.meta) for c in out}
     if len(set(positions.values())) > 1:
         raise ComposeError(f"candidates of {target!r} differ in prompt position: "
                            + ", ".join(f"{k}={v}" for k, v in positions.items())
@@ -146,7 +146,7 @@ def compose(cfg: ComposeConfig, library: Library | None = None, backbone: Backbo
     names = [c.node for c in cands]
     # prefixes [L, 2, P, D] are mixed as their flat views [L*2*P, D] (a stack of per-layer prompts)
     num_layers = cands[0].prompt.shape[0] if is_prefix(cands[0].prompt) else None
-    position = cands[0].meta.get("position") or "after-cls"  # the candidates agree (candidates())
+    position = prompt_position(cands[0].meta)  # the candidates agree (candidates())
 
     def to_model(p: torch.Tensor) -> torch.Tensor:
         """A mixed [P, H] (or flat prefix) -> what the model takes: the prompt, or the [L, 2, P, D] prefix."""

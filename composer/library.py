@@ -233,6 +233,12 @@ class Library:
         shutil.rmtree(trash, ignore_errors=True)
 
 
+def prompt_position(meta: dict) -> str:
+    """Where an entry's input-level prompt sits on a BERT-style encoder (entries older than the option: after
+    [CLS], where every prompt went then)."""
+    return meta.get("position") or "after-cls"
+
+
 def check_compatible(meta: dict, name: str, backbone_name: str, family: str, hidden_size: int) -> None:
     """A prompt must match the backbone it is loaded into; the error names both sides."""
     if meta.get("hidden_size") != hidden_size:

@@ -24,7 +24,7 @@ from composer.backbones import Backbone
 from composer.errors import ComposerError, LibraryError, TrainingError
 from composer.generation import decode, target_nll
 from composer.heads import make_head, resolve_head
-from composer.library import check_compatible
+from composer.library import check_compatible, prompt_position
 from composer.lora import load_lora
 from composer.prefix import PrefixPrompt, cache_keyword, check_reaches, is_prefix, prefix_cache
 from composer.prefix import geometry as prefix_geometry
@@ -348,7 +348,7 @@ def from_library(entry, backbone: Backbone, spec, head: str | None = None,
     same_task = entry.meta.get("task") == spec.name
     kind = head or (entry.meta.get("head") if same_task else None)
     pm = build_model(backbone, spec, load_source(entry) or entry.prompt, head=kind,
-                     label_temperature=label_temperature, position=entry.meta.get("position") or "after-cls")
+                     label_temperature=label_temperature, position=prompt_position(entry.meta))
     head_state = entry.extra("head")
     if head_state and same_task and pm.head.kind == "linear":
         pm.head.proj.load_state_dict({k.split(".", 1)[1]: v for k, v in head_state.items()})
