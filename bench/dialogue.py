@@ -29,9 +29,9 @@ generations of each arm (first seed). Nothing is chosen on test.
 A finished run (record.json in its run folder, keyed by its settings and its init prompt's content hash) is
 read back instead of run again, so the benchmark runs piecewise: --time-budget MINUTES starts no new run
 after that (exit 3; the same command goes on). Run folders live under --runs (default
-runs/bench-dialogue); `python bench/records.py save --tier dialogue --runs runs/bench-dialogue --sources
-sgd-intent,woz-state,e2e-nlg --targets woz-response --model smollm2-135m --source-steps N` keeps the records
-in git (bench/records/dialogue/). It uses bench/transfer.py's Bench (its records, tuning runs, module
+runs/bench-dialogue); `python bench/records.py save --tier full --records bench/records/dialogue --runs runs/bench-dialogue
+--sources sgd-intent,woz-state,e2e-nlg --targets woz-response --model smollm2-135m --source-steps 100` keeps the records
+in git (bench/records/dialogue/; `restore` with the same --records/--runs brings them back). It uses bench/transfer.py's Bench (its records, tuning runs, module
 prompts as "sources"); only the graph (the target's decomposition, no similarity linking) and the report are
 its own.
 """
