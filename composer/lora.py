@@ -24,7 +24,6 @@ from safetensors.torch import save_file
 from composer.atomic import atomic_write_text
 from composer.errors import TrainingError
 
-SETTINGS = ("r", "alpha", "dropout", "targets")
 _ADAPTER = re.compile(r"\.(lora_[AB]|lora_embedding_[AB])\.default(\.|$)")
 
 

@@ -353,7 +353,6 @@ def setup_mpt(cfg, found: list, backbone, library, entry_of) -> MPTSetup:
 def build_mpt_model(backbone, setup: MPTSetup, views: dict, specs: dict, cfg) -> MPTModel:
     """The MPTModel over the task views (their heads) and each task's teacher: its prompt, with the head it
     was trained with (a linear head's weights from its entry; the student's linear head starts there too)."""
-
     teachers = {}
     for k, (entry, tensor) in setup.teacher_entries.items():
         same_task = entry.meta.get("task") == specs[k].name
@@ -382,7 +381,6 @@ def save_mpt_entry(library, name: str, model: MPTModel, backbone, cfg, setup: MP
                            "rank": mpt.u.shape[2], "multitask": setup.keys,
                            "temperature": cfg.sampling_temperature}}
     if mpt.kind == "prefix":
-
         meta["prefix_heads"] = geometry(backbone.network, backbone.family).kv_heads
     library.save(name, mpt.shared, meta, extras={MPT_EXTRA: {"u": mpt.u, "v": mpt.v}})
 
@@ -394,7 +392,6 @@ def is_mpt(entry) -> bool:
 
 def _similar_source(entry, tasks: list[str], target: str | None) -> str:
     """The entry's source task with the heaviest similar edge into ``target`` in the graph it was trained on."""
-
     prov = entry.meta.get("provenance") or {}
     if not prov.get("graph"):
         raise LibraryError(f"library:{entry.name}@similar follows the graph's similar edges, and '{entry.name}' "

@@ -182,7 +182,6 @@ def prepare_multitask(cfg: MultiTaskConfig, backbone: Backbone | None = None,
         prov.update(multitask=[k for k, _, _ in found], temperature=cfg.sampling_temperature, composer=cfg.composer)
         preps[key] = Prepared(backbone, spec, train, dev, test, None, prov)
     if mpt is not None:
-
         model = build_mpt_model(backbone, mpt, views, {k: p.spec for k, p in preps.items()}, cfg)
     else:
         model = MultiTaskModel(backbone, {k: v.prompt_source for k, v in views.items()},

@@ -57,7 +57,6 @@ def recover_init(name: str, prompt: torch.Tensor, meta: dict, library: Library,
     """The prompt entry ``name`` started from -> (init of ``prompt``'s shape, what was recovered).
 
     ``backbone()`` loads the backbone when the init needs it (random, vocab, text, an induced prefix)."""
-
     prov = meta.get("provenance") or {}
     kind = meta.get("kind", "prompt")
     how = prov.get("init")
