@@ -254,8 +254,10 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+def step_bench_args(doc: str, argv: list[str] | None, add=None) -> argparse.Namespace:
+    """The options of a one-batch step benchmark on a generation task (this script's and bench/lora_step.py's):
+    backbone, task, device, batch, timing repeats, outputs; ``add(ap)`` adds a script's own. Sets the threads."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog=doc,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--task", default="e2e-nlg")
@@ -267,9 +269,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompt-length", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--gen-batch-size", type=int, default=16)
-    ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--gen-repeats", type=int, default=5)
+    if add is not None:
+        add(ap)
     ap.add_argument("--tmp", default=os.environ.get("TMPDIR", "/tmp"))
     ap.add_argument("--out", help="results JSON")
     ap.add_argument("--out-md", help="also write the markdown section here")
@@ -277,6 +278,27 @@ def main(argv: list[str] | None = None) -> None:
     args.data_dir = args.data_dir or default_data_dir()
     if args.threads:
         torch.set_num_threads(args.threads)
+    return args
+
+
+def write_outputs(args, res: dict, text: str) -> None:
+    """--out (the results as JSON) and --out-md (the markdown), atomically; the markdown to stdout."""
+    from composer.atomic import atomic_write_text
+
+    if args.out:
+        atomic_write_text(Path(args.out), json.dumps(res, indent=1, default=str) + "\n")
+    if args.out_md:
+        atomic_write_text(Path(args.out_md), text)
+    print(text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    def own(ap):
+        ap.add_argument("--gen-batch-size", type=int, default=16)
+        ap.add_argument("--max-new-tokens", type=int, default=32)
+        ap.add_argument("--gen-repeats", type=int, default=5)
+
+    args = step_bench_args(__doc__, argv, own)
     from composer.backbones import load_backbone
 
     command = "python bench/generation_speed.py " + shlex.join(sys.argv[1:] if argv is None else argv)
@@ -287,14 +309,7 @@ def main(argv: list[str] | None = None) -> None:
     res = {"command": command, "commit": git_commit(), "model": args.model, "task": args.task,
            "device": args.device, "mixed_precision": args.mixed_precision, "machine": env,
            "train": train, "decode": decode}
-    text = markdown(res)
-    from composer.atomic import atomic_write_text
-
-    if args.out:
-        atomic_write_text(Path(args.out), json.dumps(res, indent=1, default=str) + "\n")
-    if args.out_md:
-        atomic_write_text(Path(args.out_md), text)
-    print(text)
+    write_outputs(args, res, markdown(res))
 
 
 if __name__ == "__main__":

@@ -20,10 +20,8 @@ process holds both arms); on CUDA each arm's peak allocated memory in a step is 
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import gc
-import json
 import os
 import shlex
 import statistics
@@ -38,9 +36,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
-from generation_speed import fixed_batch, sync  # noqa: E402
+from generation_speed import fixed_batch, step_bench_args, sync, write_outputs  # noqa: E402
 from step_overhead import cpu_label, environment, quantiles  # noqa: E402
-from transfer import default_data_dir, git_commit  # noqa: E402
+from transfer import git_commit  # noqa: E402
 
 
 def packed(ids, mask, targets, P: int):
@@ -175,39 +173,12 @@ def markdown(res: dict, env: dict, command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--task", default="e2e-nlg")
-    ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--mixed-precision", default="no", choices=("no", "bf16"))
-    ap.add_argument("--threads", type=int)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--prompt-length", type=int, default=20)
-    ap.add_argument("--lora-r", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--tmp", default=os.environ.get("TMPDIR", "/tmp"))
-    ap.add_argument("--out", help="results JSON")
-    ap.add_argument("--out-md", help="also write the markdown section here")
-    args = ap.parse_args(argv)
-    args.data_dir = args.data_dir or default_data_dir()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = step_bench_args(__doc__, argv, lambda ap: ap.add_argument("--lora-r", type=int, default=8))
     command = "python bench/lora_step.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     res = run(args)
     env = dict(environment(torch.get_num_threads()), device=args.device, commit=git_commit())
     env["cpu"] = cpu_label(env["cpu"], env.get("cpu_isa"))
-    text = markdown(res, env, command)
-    from composer.atomic import atomic_write_text
-
-    if args.out:
-        atomic_write_text(Path(args.out), json.dumps({"command": command, "machine": env, "result": res}, indent=1,
-                                                     default=str) + "\n")
-    if args.out_md:
-        atomic_write_text(Path(args.out_md), text)
-    print(text)
+    write_outputs(args, {"command": command, "machine": env, "result": res}, markdown(res, env, command))
 
 if __name__ == "__main__":
     main()
