@@ -1,4 +1,5 @@
-"""The peft arm of bench/transfer.py: PEFT's PromptTuning, tuned the way every other arm is.
+"""The peft arm of bench/transfer.py: PEFT's PromptTuning (PrefixTuning under --kind prefix), tuned the way
+every other arm is.
 
 Same data order, init (random's), loss (our head's, computed on PEFT's output), optimizer, schedule,
 clipping, dev evaluations and best-dev checkpoint as a composer run of the same target and seed; the
@@ -23,7 +24,7 @@ import types
 
 import torch
 import torch.nn.functional as F
-from step_overhead import Loss, PeftArm
+from step_overhead import Loss, PeftArm, PeftPrefixArm
 
 
 def head_loss(head, model, label_temperature: float, max_grad_norm: float) -> Loss:
@@ -41,22 +42,24 @@ def head_loss(head, model, label_temperature: float, max_grad_norm: float) -> Lo
     return loss
 
 
-def peft_scores(arm: PeftArm, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def peft_scores(arm: PeftArm | PeftPrefixArm, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """input_ids [B, T], mask [B, T] (right-padded) -> label scores [B, C], as our head scores them.
 
-    PEFT puts the P virtual tokens in front (before [CLS]), so its outputs cover [B, P+T].
+    PromptTuning puts the P virtual tokens in front (before [CLS]), so its outputs cover [B, P+T]; a
+    PrefixTuning prefix has no positions of its own, so its outputs cover the T input positions.
     """
-    L, P = arm.loss_fn, arm.P
-    B = input_ids.shape[0]
+    L = arm.loss_fn
+    B, T = input_ids.shape
     device = arm.prompt().device
     input_ids, mask = input_ids.to(device), mask.to(device)
     out = arm.model(input_ids=input_ids, attention_mask=mask)
-    full = torch.cat([mask.new_ones(B, P), mask], 1)  # [B, P+T]
+    front = (out.logits if L.decoder else out.last_hidden_state).shape[1] - T  # P, or 0 for a prefix
+    full = torch.cat([mask.new_ones(B, front), mask], 1)  # [B, front+T]
     if L.decoder:
         last = full.sum(1) - 1  # the last real position
         logits = out.logits[torch.arange(B), last]  # [B, V]
         return F.log_softmax(logits.float(), dim=-1)[:, L.label_ids.to(device)]
-    hidden = out.last_hidden_state  # [B, P+T, H]
+    hidden = out.last_hidden_state  # [B, front+T, H]
     m = full.unsqueeze(-1).to(hidden.dtype)
     pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-6)  # [B, H]
     return F.normalize(pooled.float(), dim=-1) @ L.label_emb.to(device).T / L.temperature
@@ -76,7 +79,7 @@ def peft_logits(arm: PeftArm, enc, pad_id: int, batch_size: int = 64) -> torch.T
     return torch.stack(out)
 
 
-def _run(bench, task: str, seed: int, steps: int, run_name: str, build) -> dict:
+def _run(bench, task: str, seed: int, steps: int, run_name: str, build, peer: str = "PromptTuning") -> dict:
     """The loop both PEFT arms share -> the run's record (read back from bench.runs/TASK/RUN_NAME when finished).
 
     Same data (k-shot included), init (random's), optimizer, schedule, clipping, dev evaluations and best-dev
@@ -95,7 +98,7 @@ def _run(bench, task: str, seed: int, steps: int, run_name: str, build) -> dict:
     if rec is not None:
         return rec
     bench.may_start(f"{task} {run_name}")
-    tc = TrainConfig(task=task, backbone=cfg.model, prompt_length=cfg.prompt_length, steps=steps,
+    tc = TrainConfig(task=task, backbone=cfg.model, prompt_length=cfg.prompt_length, kind=cfg.kind, steps=steps,
                      batch_size=cfg.batch_size, lr=cfg.lr, seed=seed, k_shot=cfg.k_shot, data_dir=cfg.data_dir)
     prep = prepare(tc, backbone=bench.bb, library=bench.lib)  # random's init, data and head
     dev = prep.dev.subset(cfg.max_eval, 0)  # the dev and test subsets of every other arm
@@ -135,7 +138,7 @@ def _run(bench, task: str, seed: int, steps: int, run_name: str, build) -> dict:
     seconds = time.time() - t0
     with torch.no_grad():
         prompt.copy_(best_prompt)
-    rec = {"init": "random (PEFT PromptTuning)", "seed": seed, "mode": "prompt",
+    rec = {"init": f"random (PEFT {peer})", "seed": seed, "mode": "prompt",
            "prompt_length": cfg.prompt_length, "steps": steps, "initial": initial, "dev": best,
            "dev_last": curve[1][-1], "test": None, "best_step": best_step, "curve": curve,
            "seconds": round(seconds, 2), "s_per_step": seconds / steps,
@@ -158,12 +161,17 @@ def run_peft(bench, task: str, seed: int, steps: int, run_name: str) -> dict:
     from composer.evaluate import score
     from composer.model import freeze_backbone
 
+    prefix = bench.cfg.kind == "prefix"
+    if prefix and bench.cfg.prefix_projection:
+        raise RuntimeError("the peft arm starts PrefixTuning from random's plain prefix: drop --prefix-projection "
+                           "or the peft arm")
+
     def build(prep, tc):
         freeze_backbone(prep.model)
         loss = head_loss(prep.model.head, prep.model, tc.label_temperature, tc.max_grad_norm)
-        init = prep.model.prompt_source.weight.detach().clone()  # [P, H]
+        init = prep.model.prompt_source.weight.detach().clone()  # [P, H], or a prefix [L, 2, P, D]
         own = types.SimpleNamespace(model=copy.deepcopy(bench.bb.network), family=bench.bb.family)  # PEFT wraps it
-        arm = PeftArm(own, tc.prompt_length, init, tc.lr, loss)
+        arm = (PeftPrefixArm if prefix else PeftArm)(own, tc.prompt_length, init, tc.lr, loss)
         pad = bench.bb.tokenizer.pad_token_id
 
         def step_loss(b):
@@ -176,7 +184,7 @@ def run_peft(bench, task: str, seed: int, steps: int, run_name: str) -> dict:
 
         return arm.prompt(), arm.optimizer, step_loss, evaluate
 
-    return _run(bench, task, seed, steps, run_name, build)
+    return _run(bench, task, seed, steps, run_name, build, "PrefixTuning" if prefix else "PromptTuning")
 
 
 def peft_generation_loss(model, P: int, input_ids: torch.Tensor, mask: torch.Tensor,

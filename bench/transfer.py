@@ -137,6 +137,12 @@ class BenchConfig:
     """Backbone learning rate of full and joint (not tuned)."""
     prompt_length: int = 20
     full_prompt_length: int = 1
+    kind: str = "prompt"
+    """What every prompt arm tunes (sources included): prompt (virtual tokens) or prefix (keys and values in
+    every attention layer). full stays model tuning with one virtual token; peft is PEFT's PromptTuning or
+    PrefixTuning to match. Prefixes' library names carry "-prefix" after the backbone."""
+    prefix_projection: int = 0
+    """--kind prefix: train each prefix through an MLP of this width (0: none)."""
     library: str = "runs/bench-library"
     runs: str | None = None
     data_dir: str | None = None
@@ -165,6 +171,7 @@ RUN_KEY_ELSEWHERE = {
     "rerun": "none", "time_budget": "none", "extra": "none",
     "data_dir": "none",  # where the data lives, not what it is
     "k_shot": "key",  # in the run key where set (Bench.run_key), absent from the records made without it
+    "kind": "key", "prefix_projection": "key",  # likewise, where not the default
 }
 
 
@@ -234,7 +241,7 @@ class Bench:
         from composer.library import Library
 
         self.cfg = cfg
-        self.slug = model_slug(cfg.model)
+        self.slug = model_slug(cfg.model) + ("-prefix" if cfg.kind == "prefix" else "")  # prefixes' own names
         self.lib = Library(cfg.library)
         self.runs = Path(cfg.runs or default_runs(cfg.tier))
         self.bb = load_backbone(cfg.model)
@@ -265,6 +272,10 @@ class Bench:
                    eval_every=c.eval_every, max_eval=c.max_eval, max_test=c.max_test)
         if c.k_shot is not None:  # only where set: the records made before the field stay valid
             key["k_shot"] = c.k_shot
+        if "kind" not in key and c.kind != "prompt":  # likewise (full sets its own kind: it tunes the model)
+            key["kind"] = c.kind
+        if c.prefix_projection:
+            key["prefix_projection"] = c.prefix_projection
         return json.loads(json.dumps(key, sort_keys=True))
 
     def stored(self, path: Path, key: dict) -> dict | None:
@@ -307,8 +318,9 @@ class Bench:
             say(f"[sources] train {name} ({cfg.source_steps} steps)")
             run_dir = self.runs / "sources" / task
             shutil.rmtree(run_dir, ignore_errors=True)
-            tc = TrainConfig(task=task, backbone=cfg.model, prompt_length=cfg.prompt_length,
-                             steps=cfg.source_steps, batch_size=cfg.batch_size, lr=cfg.lr,
+            tc = TrainConfig(task=task, backbone=cfg.model, prompt_length=cfg.prompt_length, kind=cfg.kind,
+                             prefix_projection=cfg.prefix_projection, steps=cfg.source_steps,
+                             batch_size=cfg.batch_size, lr=cfg.lr,
                              eval_every=max(1, cfg.source_steps // 3), checkpoint_every=cfg.source_steps,
                              max_eval=cfg.source_max_eval, seed=0,
                              data_dir=cfg.data_dir, save=name, run_dir=str(run_dir))
@@ -323,18 +335,21 @@ class Bench:
     # -- 2. one tuning run (memoised: the best arm and the seed-0 pair run of its source are one run) --
     def tune(self, task: str, init: str, seed: int, steps: int, run_name: str, mode: str = "prompt",
              prompt_length: int | None = None, save: str | None = None, key_init: str | None = None,
-             lora_r: int | None = None) -> dict:
+             lora_r: int | None = None, kind: str | None = None) -> dict:
         from composer.train import TrainConfig, prepare, train
 
         cfg = self.cfg
         P = prompt_length or cfg.prompt_length
-        key = (task, key_init or init, seed, steps, mode, P, lora_r)
-        lora = {} if lora_r is None else {"lora_r": lora_r}  # keyed only when set: older records stay valid
+        kind = kind or cfg.kind
+        key = (task, key_init or init, seed, steps, mode, P, lora_r, kind)
+        keyed = {} if lora_r is None else {"lora_r": lora_r}  # keyed only when set: older records stay valid
+        if kind != cfg.kind:  # the full arm's one virtual token under --kind prefix
+            keyed["kind"] = kind
         if key in self.cache:
             return self.cache[key]
         run_dir = self.runs / task / run_name
         rkey = self.run_key(arm="composer", task=task, init=init, init_sha=self.entry_sha(init), seed=seed,
-                            steps=steps, mode=mode, prompt_length=P, **lora)
+                            steps=steps, mode=mode, prompt_length=P, **keyed)
         # the seed-0 random run also saves the target's prompt: reuse it only while that prompt is there
         rec = self.stored(run_dir / "record.json", rkey) if save is None or self.lib.exists(save) else None
         if rec is not None:
@@ -342,7 +357,9 @@ class Bench:
             return rec
         self.may_start(f"{task} {run_name}")
         shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl appends: start clean
-        tc = TrainConfig(task=task, backbone=cfg.model, prompt_length=P, init=init, mode=mode, unfreeze="all",
+        projection = cfg.prefix_projection if kind == "prefix" else 0
+        tc = TrainConfig(task=task, backbone=cfg.model, prompt_length=P, kind=kind, prefix_projection=projection,
+                         init=init, mode=mode, unfreeze="all",
                          steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, model_lr=cfg.model_lr,
                          eval_every=cfg.eval_every, checkpoint_every=steps, max_eval=cfg.max_eval, seed=seed,
                          k_shot=cfg.k_shot, data_dir=cfg.data_dir, save=save, run_dir=str(run_dir),
@@ -377,7 +394,7 @@ class Bench:
         cfg = self.cfg
         if "full" in cfg.arms:
             add("full", self.tune(target, "random", seed, cfg.steps, f"full-s{seed}", mode="joint",
-                                  prompt_length=cfg.full_prompt_length))
+                                  prompt_length=cfg.full_prompt_length, kind="prompt"))
         if "joint" in cfg.arms:
             if not composed:
                 skipped["joint"] = "no composed arm ran"
@@ -540,10 +557,12 @@ def parse(argv: list[str] | None) -> tuple[BenchConfig, argparse.Namespace]:
     ap.add_argument("--arms", type=lst, help=f"comma-separated arms from {','.join(ARMS)} (random always runs)")
     ap.add_argument("--seeds", type=lambda s: tuple(int(x) for x in s.split(",")), help="e.g. 0,1,2")
     for f in ("source-steps", "steps", "pair-steps", "eval-every", "source-max-eval", "max-eval", "max-test",
-              "top-k", "shots", "batch-size", "prompt-length", "full-prompt-length"):
+              "top-k", "shots", "batch-size", "prompt-length", "full-prompt-length", "prefix-projection"):
         ap.add_argument(f"--{f}", type=int)
     ap.add_argument("--lr", type=float)
     ap.add_argument("--model-lr", type=float)
+    ap.add_argument("--kind", choices=("prompt", "prefix"),
+                    help="what the prompt arms tune: prompt (default) or prefix (deep prompts; try --lr 0.01)")
     ap.add_argument("--model", help="backbone (default minilm)")
     ap.add_argument("--library", help="library of source prompts, reused across runs (default runs/bench-library)")
     ap.add_argument("--runs", help="run folders (default runs/bench-transfer/TIER)")

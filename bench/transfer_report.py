@@ -218,7 +218,12 @@ def markdown(res: dict, fig_rel) -> str:
             + ". Wall time and load cover this "
             "invocation only, the s/step columns are each run's own.  "]
     lines += [
-        f"Backbone `{c['model']}` (frozen except in full and joint), prompt length {c['prompt_length']}. Sources "
+        f"Backbone `{c['model']}` (frozen except in full and joint), "
+        + (f"**prefixes** (keys and values in every attention layer; sources too; peft is PEFT's PrefixTuning) of "
+           f"length {c['prompt_length']}" + (f", reparameterised through an MLP of width {c['prefix_projection']}"
+                                             if c.get("prefix_projection") else "")
+           if c.get("kind") == "prefix" else f"prompt length {c['prompt_length']}")
+        + ". Sources "
         f"trained {c['source_steps']} steps each (seed 0, full training split, batch {c['batch_size']}, lr {c['lr']}): "
         + ", ".join(f"{s} {fmt(v.get('dev'))}" + (" (reused)" if v.get("reused") else "")
                     for s, v in res["sources"].items()) + " (source dev score).",

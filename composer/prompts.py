@@ -135,7 +135,8 @@ def init_prompt(init: str, length: int, backbone, spec=None, seed: int = 0,
 
 def _from_library(name: str, backbone, library: Library | None, kind: str, target: str | None = None):
     name, at, pick = name.partition("@")  # NAME@TASK: a task's factors of a shared (MPT) entry
-    entry = (library or Library()).load(name)
+    library = library or Library()
+    entry = library.load(name)
     check_compatible(entry.meta, name, backbone.name, backbone.family, backbone.hidden_size)
     if entry.meta.get("backbone") not in (None, backbone.name):
         log.warning("prompt '%s' was trained on '%s'; loading it into '%s' (same hidden size)",
@@ -154,10 +155,12 @@ def _from_library(name: str, backbone, library: Library | None, kind: str, targe
             raise ComposerError(f"--init library:{name} holds an attention composer over {entry_kind}s; train it "
                                 f"with --kind {entry_kind}")
         return source, {"init": "library", "from": name, "composer": "attention"}
+    # the init's content hash: a task vector (composer.task_vectors) must not subtract an entry saved since
+    prov = {"init": "library", "from": name, "from_sha": library.content_sha(name)}
     if entry_kind == kind:
-        return entry.prompt.clone(), {"init": "library", "from": name}
+        return entry.prompt.clone(), prov
     if entry_kind == "prompt":  # an input-level prompt -> the keys and values it induces
         return (induced_prefix(backbone.network, backbone.family, entry.prompt),
-                {"init": "library", "from": name, "kind": "prefix", "induced_from": "prompt"})
+                dict(prov, kind="prefix", induced_from="prompt"))
     raise ComposerError(f"--init library:{name} is a prefix and this run trains a prompt: a prefix cannot be "
                         "turned back into input embeddings; use --kind prefix")

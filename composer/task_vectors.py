@@ -6,20 +6,21 @@ it is regenerated from what the entry's provenance records (composer/prompts.py 
     {"init": "random" | "vocab", "seed": S}   drawn again with that seed, at the entry's length, from the
                                               backbone's embeddings (so the backbone is loaded)
     {"init": "text", "text": T}               the embeddings of T's tokens, cycled to the length
-    {"init": "library", "from": NAME}         that entry's prompt (for a prefix trained from a prompt entry,
-                                              the keys and values it induces: the backbone again)
+    {"init": "library", "from": NAME,         that entry's prompt (for a prefix trained from a prompt entry,
+     "from_sha": H}                           the keys and values it induces: the backbone again), refused
+                                              when NAME's tensors no longer hash to H (it was saved again)
     a prefix (kind "prefix") of any of these   the keys and values the input-level init induces
 
 What cannot be recovered, and says so: an entry composed by a strategy (it has no init), imported from a PEFT
-adapter, started from an attention composer, or whose library init was removed. Then give the base: every
+adapter, started from an attention composer, or whose library init was removed or saved again. Then give the
+base: every
 task vector is taken against it instead (``--base NAME``: a library entry of the candidates' shape, or
 ``--base zeros``: the prompts themselves are the vectors, so arithmetic is a plain weighted sum).
 
 The base, where the merged vector lands: by default the mean of the candidates' inits, which is their one
 shared init when they all started from it (the usual case: the same --init and --seed, as the demo trains
-its subtask prompts), so that arithmetic with weights summing to 1 is the weighted average. A library entry
-edited after a prompt was trained from it gives a wrong init without a way to tell: the provenance records the
-name, not the tensors.
+its subtask prompts), so that arithmetic with weights summing to 1 is the weighted average. Entries trained
+before the provenance kept "from_sha" are taken at their init's name alone.
 """
 from __future__ import annotations
 
@@ -75,6 +76,9 @@ def recover_init(name: str, prompt: torch.Tensor, meta: dict, library: Library,
                                        "single init" if prov.get("composer") else "its library init is not named")
         if not library.exists(src):
             raise _unrecoverable(name, f"it started from library entry '{src}', which is no longer in {library.root}")
+        if prov.get("from_sha") and library.content_sha(src) != prov["from_sha"]:
+            raise _unrecoverable(name, f"its init, library entry '{src}', was saved again after '{name}' was "
+                                       "trained from it (its tensors differ)")
         entry = library.load(src)
         record = {"init": "library", "from": src}
         if entry.meta.get("kind", "prompt") == kind:

@@ -253,3 +253,40 @@ def test_runs_timed_on_crowded_cores_are_named(bench_mod):
     assert crowded(runs, threads=2) == ["random seed 1 (load 2.1/4.6)", "full seed 2 (load 3.5/1)"]
     assert crowded(runs, threads=3) == ["random seed 1 (load 2.1/4.6)"]
     assert crowded(runs, threads=4) == []
+
+
+def test_prefix_kind_runs_every_arm_on_prefixes_under_their_own_names(bench_mod, toy_task, tiny_bert_dir, tmp_path,
+                                                                     capsys):
+    """--kind prefix: sources and every prompt arm tune [L, 2, P, D] prefixes (PEFT's PrefixTuning as the peer),
+    named apart from the input-level prompts; full stays model tuning with one virtual token."""
+    from composer.library import Library
+    from composer.prefix import is_prefix
+    from tests.conftest import write_toy_task
+
+    for name in ("toy-a", "toy-b"):
+        write_toy_task(tmp_path, name)
+    out = tmp_path / "out"
+    argv = ["--smoke", "--kind", "prefix", "--model", str(tiny_bert_dir), "--sources", "toy-a,toy-b",
+            "--targets", "toy", "--arms", "random,peft,best,average,attention,full,joint", "--source-steps", "4",
+            "--steps", "4", "--eval-every", "2", "--max-eval", "16", "--max-test", "16", "--prompt-length", "4",
+            "--batch-size", "8", "--lr", "0.01", "--library", str(tmp_path / "lib"), "--runs", str(out / "runs"),
+            "--figures", str(out / "fig"), "--data-dir", str(tmp_path / "data"), "--out-md", str(out / "r.md")]
+    bench_mod.main(argv)
+    capsys.readouterr()
+    res = json.loads((out / "runs" / "results.json").read_text())
+    t = res["targets"]["toy"]
+    assert set(t["runs"]) == {"random", "peft", "best", "average", "attention", "full", "joint"}
+    assert t["skipped"] == {}
+    lib = Library(tmp_path / "lib")
+    for s, v in res["sources"].items():
+        assert "-prefix-" in v["prompt"] and is_prefix(lib.load(v["prompt"]).prompt), s
+    for arm in ("average", "attention"):
+        assert t["runs"][arm][0]["init"].startswith("library:") and "-prefix-" in t["runs"][arm][0]["init"]
+    assert t["runs"]["peft"][0]["init"] == "random (PEFT PrefixTuning)"
+    assert is_prefix(lib.load(t["target_prompt"]).prompt)
+    # the arms' records say what they tuned; full tunes the model with an input-level token
+    keys = {arm: json.loads((Path(v[0]["run_dir"]) / "record.json").read_text())["key"] for arm, v in t["runs"].items()}
+    assert keys["full"]["kind"] == "prompt" and all(k["kind"] == "prefix" for a, k in keys.items() if a != "full")
+    assert "**prefixes**" in (out / "r.md").read_text()
+    # the PEFT peer computes the same function as ours at the same (random) init: equal dev scores at step 0
+    assert t["runs"]["peft"][0]["initial"] == pytest.approx(t["runs"]["random"][0]["initial"], abs=1e-6)

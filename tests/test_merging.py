@@ -262,6 +262,32 @@ def test_a_trained_entry_recovers_its_init(toy_task, tiny_bert_dir, tmp_path, mo
     assert moved < (e.prompt - init_prompt("vocab", 4, bb, seed=8)[0]).abs().max().item()  # its own, not another
 
 
+def test_a_library_init_saved_again_since_is_refused_not_subtracted(toy_task, tiny_bert_dir, tmp_path, monkeypatch):
+    """The provenance keeps the library init's content hash: a task vector against an init that was overwritten
+    afterwards would be silently wrong, so it is refused in one line; the unchanged init is recovered exactly."""
+    from composer.backbones import load_backbone
+    from composer.task_vectors import recover_init
+    from composer.train import TrainConfig, train
+
+    monkeypatch.chdir(tmp_path)
+    lib = Library()
+    bb = load_backbone(str(tiny_bert_dir), device="cpu")
+    kw = dict(task="toy", backbone=str(tiny_bert_dir), prompt_length=4, steps=2, eval_every=1, batch_size=8,
+              max_eval=20)
+    train(TrainConfig(**kw, seed=1, run_dir=str(tmp_path / "a"), save="base-p"), library=lib, progress=False)
+    train(TrainConfig(**kw, init="library:base-p", run_dir=str(tmp_path / "b"), save="child"), library=lib,
+          progress=False)
+    child = lib.load("child")
+    assert child.meta["provenance"]["from_sha"] == lib.content_sha("base-p")
+    init, record = recover_init("child", child.prompt, child.meta, lib, lambda: bb)
+    assert torch.equal(init, lib.load("base-p").prompt) and record == {"init": "library", "from": "base-p"}
+    base = lib.load("base-p")
+    lib.save("base-p", base.prompt + 1.0, base.meta, overwrite=True)  # the init is trained again under its name
+    with pytest.raises(ComposeError, match=r"^cannot recover the init of 'child' \(its init, library entry 'base-p', "
+                                           r"was saved again after 'child' was trained from it"):
+        recover_init("child", child.prompt, child.meta, lib, lambda: bb)
+
+
 def test_an_init_that_cannot_be_recovered_says_how_to_give_the_base(merge_setup, bb, tmp_path):
     lib, _, _ = merge_setup
     g = graph_yaml(tmp_path)
