@@ -222,6 +222,49 @@ def test_second_run_on_a_held_folder_refuses(toy_task, tiny_bert_dir, in_tmp, mo
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
+def test_two_real_processes_on_one_save_name_the_second_refuses(toy_task, tiny_bert_dir, in_tmp):
+    """Two `prompt-composer train --save same` processes at once (not a lock taken in this process): the second
+    refuses in one line and writes nothing; the first's run folder is its own."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    first = subprocess.Popen([sys.executable, "-m", "composer", "train", str(toy_task), "--model", str(tiny_bert_dir),
+                              "--save", "same", "--steps", "100000", "--eval-every", "100000", "--prompt-length", "4",
+                              "--batch-size", "8", "--quiet"], cwd=in_tmp, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    lock = in_tmp / "runs" / "same" / ".lock"
+    try:
+        deadline = time.time() + 120
+        while True:  # until the first process holds the run folder's lock and trains (its config written)
+            assert first.poll() is None, first.stderr.read()
+            assert time.time() < deadline, "the first run never took its run folder"
+            if (lock.parent / "config.json").exists():
+                with open(lock, "a") as f:
+                    try:
+                        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        fcntl.flock(f, fcntl.LOCK_UN)
+                    except BlockingIOError:
+                        break
+            time.sleep(0.2)
+        err = one_line(run("train", toy_task, "--model", tiny_bert_dir, "--save", "same", *TINY, ok=False))
+        assert "is in use by another run" in err and "runs/same" in err
+        assert not Library().exists("same")
+    finally:
+        first.send_signal(signal.SIGINT)  # Ctrl-C: the first run stops (resumably)
+        try:
+            first.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            first.kill()
+            first.wait()
+    # what the folder holds is the first run's alone: its settings, none of the second's
+    assert json.loads((in_tmp / "runs" / "same" / "config.json").read_text())["steps"] == 100000
+
+
 # -- 4. numbers -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("args,msg", [
     (["--k-shot", "-1"], "--k-shot must be positive (training examples per class), got -1"),
