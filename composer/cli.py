@@ -959,6 +959,8 @@ def library_import_peft(ctx, adapter_dir, name, backbone, task_name, force):
 @option_from(DemoConfig, "k_shot")
 @option_from(DemoConfig, "targets")
 @option_from(DemoConfig, "seed")
+@option_from(DemoConfig, "kind")
+@option_from(DemoConfig, "lr")
 @option_from(DemoConfig, "retrain")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True)

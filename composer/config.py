@@ -442,6 +442,8 @@ class DemoConfig(_Config):
     targets: tuple[str, ...] = opt(("negated-polarity", "topic-polarity"), "Targets to compose.",
                                    flag="--target")
     strategies: tuple[str, ...] = opt(MIXING_STRATEGIES, "Strategies to compare.")
+    kind: str = opt("prompt", "What every arm tunes: prompt (virtual tokens) or prefix (keys and values in every "
+                              "attention layer; its prompts are named apart; try --lr 0.01).", choices=KINDS)
     prompt_length: int = opt(20, "P of every prompt.")
     source_steps: int = opt(80, "Steps for each subtask prompt (full training data).")
     target_steps: int = opt(40, "The same budget for every arm on a target.")

@@ -58,19 +58,20 @@ def run_demo(cfg: DemoConfig, library: Library | None = None, progress: bool = T
 
     # 1. subtask and source prompts
     sources = [n for n, d in G.nodes(data=True) if d.get("role") in ("source", "subtask")]
-    slug = model_slug(cfg.backbone)
+    slug = model_slug(cfg.backbone) + ("-prefix" if cfg.kind == "prefix" else "")  # prefixes: names of their own
     for n in G.nodes:  # prompts are named per backbone: another --model never overwrites the minilm ones
         G.nodes[n]["prompt"] = f"{n}-{slug}"
     source_results = {}
     for n in sources:
         name = G.nodes[n]["prompt"]
-        if lib.exists(name) and not cfg.retrain and lib.meta(name).get("backbone") == cfg.backbone:
+        if (lib.exists(name) and not cfg.retrain and lib.meta(name).get("backbone") == cfg.backbone
+                and lib.meta(name).get("kind", "prompt") == cfg.kind):
             echo(f"[1/4] reuse prompt {name} from {lib.root}")
             source_results[n] = {"reused": True, "dev": (lib.meta(name).get("metrics") or {}).get("dev")}
             continue
         echo(f"[1/4] train prompt {name} ({cfg.source_steps} steps)")
         tc = TrainConfig(task=G.nodes[n].get("task") or n, backbone=cfg.backbone, prompt_length=cfg.prompt_length,
-                         steps=cfg.source_steps, batch_size=cfg.batch_size, lr=cfg.lr, eval_every=max(1, cfg.source_steps // 3),
+                         kind=cfg.kind, steps=cfg.source_steps, batch_size=cfg.batch_size, lr=cfg.lr, eval_every=max(1, cfg.source_steps // 3),
                          max_eval=cfg.max_eval, seed=cfg.seed, save=name, run_dir=str(out / "sources" / n))
         r = train(tc, prepared=prepare(tc, backbone=bb, library=lib), library=lib, progress=progress)
         source_results[n] = {"reused": False, "dev": r["dev"], "initial": r["initial"]}
@@ -90,7 +91,7 @@ def run_demo(cfg: DemoConfig, library: Library | None = None, progress: bool = T
         spec_task = G.nodes[target].get("task") or target
         inits = {"random": "random"}
         for strat in cfg.strategies:
-            name = f"demo-{target}-{strat}"
+            name = f"demo-{target}-{strat}" + ("-prefix" if cfg.kind == "prefix" else "")
             echo(f"[3/4] compose {target} with {strat}")
             cr = compose(ComposeConfig(graph=str(out / "graph.json"), target=target, strategy=strat, top_k=2,
                                        metric="transfer", shots=cfg.shots, seed=cfg.seed, backbone=cfg.backbone,
@@ -104,6 +105,7 @@ def run_demo(cfg: DemoConfig, library: Library | None = None, progress: bool = T
         for arm, init in inits.items():
             echo(f"[4/4] tune {target} from {arm} ({cfg.target_steps} steps, {cfg.k_shot} per class)")
             tc = TrainConfig(task=spec_task, backbone=cfg.backbone, prompt_length=cfg.prompt_length, init=init,
+                             kind=cfg.kind,
                              steps=cfg.target_steps, batch_size=cfg.batch_size, lr=cfg.lr, eval_every=cfg.eval_every,
                              max_eval=cfg.max_eval, seed=cfg.seed, k_shot=cfg.k_shot, run_dir=str(out / target / arm))
             r = train(tc, prepared=prepare(tc, backbone=bb, library=lib), library=lib, progress=progress)
@@ -178,7 +180,9 @@ def render_report(report: dict) -> str:
     c = report["config"]
     parts = [
         "# prompt-composer demo report", "",
-        f"Backbone `{c['backbone']}`, graph `{c['graph']}`, prompt length {c['prompt_length']}, seed {c['seed']}. "
+        f"Backbone `{c['backbone']}`, graph `{c['graph']}`, "
+        + ("**prefixes** (keys and values in every attention layer) of length " if c.get("kind") == "prefix"
+           else "prompt length ") + f"{c['prompt_length']}, seed {c['seed']}. "
         f"Every arm on a target is tuned for {c['target_steps']} steps on {c['k_shot']} training examples per class "
         f"(batch {c['batch_size']}, prompt lr {c['lr']}); dev accuracy on {c['max_eval']} held-out examples "
         f"(the checkpoint with the best dev accuracy is kept, the init included), test accuracy on the whole test split. "

@@ -37,6 +37,24 @@ def test_demo_pipeline_writes_report(tiny_bert_dir, tmp_path):
                                   "--target-steps", "2", "--k-shot", "4", "--target", "negated-polarity", "--quiet",
                                   "--json"], catch_exceptions=False)
     assert all(s["reused"] for s in json.loads(r2.stdout)["sources"].values())
+    # --kind prefix: the same pipeline on prefixes, under names of their own (the prompts above are kept)
+    from composer.library import Library
+    from composer.prefix import is_prefix
+
+    lib = Library()
+    kept = {n: lib.content_sha(n) for n in lib.names()}
+    r3 = CliRunner().invoke(cli, ["demo", "--model", str(tiny_bert_dir), "--out", str(tmp_path / "demo-prefix"),
+                                  "--kind", "prefix", "--lr", "0.01", "--source-steps", "2", "--target-steps", "2",
+                                  "--k-shot", "4", "--target", "negated-polarity", "--quiet", "--json"],
+                            catch_exceptions=False)
+    assert r3.exit_code == 0, r3.output
+    rep = json.loads(r3.stdout)
+    assert not any(s["reused"] for s in rep["sources"].values())  # the input-level prompts are not prefixes
+    assert set(rep["targets"]["negated-polarity"]) == set(arms) and rep["config"]["lr"] == 0.01
+    new = sorted(set(lib.names()) - set(kept))
+    assert new and all(n.endswith("-prefix") and is_prefix(lib.load(n).prompt) for n in new), new
+    assert {n: lib.content_sha(n) for n in kept} == kept
+    assert "**prefixes**" in (tmp_path / "demo-prefix" / "report.md").read_text()
 
 
 def test_claim_names_the_arms_that_fall_short():
