@@ -72,13 +72,92 @@ def decode(pm, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_to
 def _seq2seq(pm, input_ids, attention_mask, max_new_tokens, num_beams, use_cache, prompt, stop=None):
     embeds, mask, _, prefix = pm.prompted(input_ids, attention_mask, prompt)
     if prefix is not None:
-        raise ComposerError("generation with a prefix on an encoder-decoder is not supported yet; use --kind "
-                            "prompt there (decoders generate with either kind)")
+        return _seq2seq_prefix(pm, embeds, mask, prefix, max_new_tokens, num_beams, use_cache, stop)
     kw = {"stop_strings": list(stop), "tokenizer": pm.backbone.tokenizer} if stop else {}
     out = pm.network.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
                               do_sample=False, use_cache=use_cache, num_beams=num_beams, **kw)
     start = pm.network.config.decoder_start_token_id
     return out[:, 1:] if out.shape[1] and (out[:, 0] == start).all() else out
+
+
+def _seq2seq_prefix(pm, embeds, mask, prefix, max_new_tokens, num_beams, use_cache, stop=None):
+    """A prefix on an encoder-decoder sits in the decoder's self-attention, as in training (target_nll): the
+    encoder runs once without it, then an explicit decoder loop takes the prefix in a fresh cache at its first
+    step (cache on) or at every step (cache off: the whole decoded sequence again)."""
+    with pm.using_prefix(None):
+        enc = pm.hidden(embeds, mask)  # [B, T, H]
+    B, k = enc.shape[0], num_beams
+    if k > 1:  # every row's beams side by side: [B*k, ...]
+        enc, mask, prefix = (t.repeat_interleave(k, 0) for t in (enc, mask, prefix))
+    N = B * k
+    start = pm.network.config.decoder_start_token_id
+    dec = torch.full((N, 1), start, dtype=torch.long, device=enc.device)
+    search = _Search(pm.backbone.tokenizer, B, k, stop, enc.device)
+    key, past = cache_keyword(pm.network), None
+    for _ in range(max_new_tokens):
+        if use_cache and past is not None:
+            out = pm.network(encoder_outputs=(enc,), attention_mask=mask, decoder_input_ids=dec[:, -1:],
+                             use_cache=True, **{key: past})
+        else:
+            with pm.using_prefix(prefix):
+                kw = pm.decoder_prefix(N)
+            out = pm.network(encoder_outputs=(enc,), attention_mask=mask, decoder_input_ids=dec,
+                             use_cache=use_cache, **kw)
+        past = out.get(key) if use_cache else None
+        nxt, order = search.step(out.logits[:, -1])
+        if order is not None:
+            dec = dec[order]
+            if past is not None:
+                past.reorder_cache(order)
+        dec = torch.cat([dec, nxt[:, None]], 1)
+        if search.finished:
+            break
+    return search.best()
+
+
+class _Search:
+    """Greedy (k = 1) or beam search over B rows of k beams each: step(logits [B*k, V]) -> (the next token of
+    each beam [B*k], how the beams were reordered [B*k] or None); the tokens so far in ``tokens``."""
+
+    def __init__(self, tokenizer, B: int, k: int, stop: list[str] | None, device):
+        self.tokenizer, self.B, self.k, self.stop = tokenizer, B, k, stop
+        self.eos = eos_id(tokenizer)
+        N = B * k
+        self.scores = torch.zeros(B, k, device=device)
+        self.scores[:, 1:] = float("-inf")  # all beams start as one: only the first may expand at step 0
+        self.done = torch.zeros(N, dtype=torch.bool, device=device)
+        self.tokens = torch.zeros(N, 0, dtype=torch.long, device=device)
+
+    def step(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, k, eos = self.B, self.k, self.eos
+        logp = F.log_softmax(logits.float(), dim=-1)  # [N, V]
+        if eos is not None:  # a finished beam only extends with EOS, at no cost
+            logp[self.done] = float("-inf")
+            logp[self.done, eos] = 0.0
+        order = None
+        if k == 1:
+            nxt = logp.argmax(-1)
+        else:
+            V = logp.shape[-1]
+            cand = (self.scores.view(B, k, 1) + logp.view(B, k, V)).view(B, k * V)
+            self.scores, flat_idx = cand.topk(k, dim=-1)  # [B, k]
+            order = (torch.arange(B, device=logits.device)[:, None] * k + flat_idx // V).view(B * k)
+            nxt = (flat_idx % V).view(B * k)
+            self.tokens, self.done = self.tokens[order], self.done[order]
+        self.tokens = torch.cat([self.tokens, nxt[:, None]], 1)
+        if eos is not None:
+            self.done = self.done | (nxt == eos)
+            if self.stop:
+                self.done = _stopped(self.tokenizer, self.tokens, self.done, self.stop)
+        return nxt, order
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.done.all())
+
+    def best(self) -> torch.Tensor:
+        """[B, n]: each row's tokens (its best beam's: beams stay sorted by score)."""
+        return self.tokens.view(self.B, self.k, -1)[:, 0] if self.k > 1 else self.tokens
 
 
 def _stopped(tokenizer, tokens: torch.Tensor, done: torch.Tensor, stop: list[str]) -> torch.Tensor:
@@ -93,7 +172,6 @@ def _stopped(tokenizer, tokens: torch.Tensor, done: torch.Tensor, stop: list[str
 def _decoder(pm, input_ids, attention_mask, max_new_tokens, num_beams, use_cache, prompt, stop=None):
     """An explicit loop over the decoder: left-align the rows, put the prompt (or prefix) in front, then one
     token a step for every beam of every row."""
-    eos = eos_id(pm.backbone.tokenizer)
     B, T = input_ids.shape
     shift = (T - attention_mask.sum(1)).tolist()  # left-align: every row's last token at the end
     ids = torch.stack([torch.roll(row, s) for row, s in zip(input_ids, shift)])
@@ -108,10 +186,7 @@ def _decoder(pm, input_ids, attention_mask, max_new_tokens, num_beams, use_cache
         prefix = None if prefix is None else prefix.repeat_interleave(k, 0)
     N = B * k
     key = cache_keyword(pm.network)
-    scores = torch.zeros(B, k, device=ids.device)
-    scores[:, 1:] = float("-inf")  # all beams start as one: only the first may expand at step 0
-    done = torch.zeros(N, dtype=torch.bool, device=ids.device)
-    tokens = torch.zeros(N, 0, dtype=torch.long, device=ids.device)
+    search = _Search(pm.backbone.tokenizer, B, k, stop, ids.device)
     past, step_embeds = None, embeds
     for _ in range(max_new_tokens):
         pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, P:]  # the text's positions
@@ -123,35 +198,17 @@ def _decoder(pm, input_ids, attention_mask, max_new_tokens, num_beams, use_cache
                 kw, _ = pm._with_prefix(N, None)
             out = pm.network(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=use_cache, **kw)
         past = out.get(key) if use_cache else None
-        logp = F.log_softmax(out.logits[:, -1].float(), dim=-1)  # [N, V]
-        if eos is not None:  # a finished beam only extends with EOS, at no cost
-            logp[done] = float("-inf")
-            logp[done, eos] = 0.0
-        if k == 1:
-            nxt = logp.argmax(-1)
-            order = torch.arange(N, device=ids.device)
-        else:
-            V = logp.shape[-1]
-            cand = (scores.view(B, k, 1) + logp.view(B, k, V)).view(B, k * V)
-            scores, flat_idx = cand.topk(k, dim=-1)  # [B, k]
-            order = (torch.arange(B, device=ids.device)[:, None] * k + flat_idx // V).view(N)
-            nxt = (flat_idx % V).view(N)
-            tokens, done, embeds, mask = tokens[order], done[order], embeds[order], mask[order]
+        nxt, order = search.step(out.logits[:, -1])
+        if order is not None:
+            embeds, mask = embeds[order], mask[order]
             if past is not None:
                 past.reorder_cache(order)
-        tokens = torch.cat([tokens, nxt[:, None]], 1)
-        if eos is not None:
-            done = done | (nxt == eos)
-            if stop:
-                done = _stopped(pm.backbone.tokenizer, tokens, done, stop)
         step_embeds = pm.embed(nxt[:, None])  # [N, 1, H]
         embeds = torch.cat([embeds, step_embeds], 1)
         mask = torch.cat([mask, mask.new_ones(N, 1)], 1)
-        if done.all():
+        if search.finished:
             break
-    if k > 1:  # the best beam of each row (beams stay sorted by score)
-        tokens = tokens.view(B, k, -1)[:, 0]
-    return tokens
+    return search.best()
 
 
 def cut_at_stop(text: str, stop: list[str] | None) -> str:

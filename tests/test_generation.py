@@ -115,6 +115,42 @@ def test_batched_decoding_equals_one_row_at_a_time_and_the_cache_does_not_matter
         assert torch.equal(both[r, : alone.shape[1]], alone[0])
 
 
+def prefix_on_a_tiny_encoder_decoder(tokenizer, seed: int = 0):
+    """A tiny encoder-decoder with a seeded 3-token prefix (in its decoder), and two right-padded rows."""
+    bb = wrap(tiny_model("encoder-decoder").eval(), tokenizer, name="tiny-encoder-decoder", family="encoder-decoder")
+    spec = type("S", (), {"name": "s", "is_generation": True})()
+    prefix, _ = init_prompt("random", 3, bb, None, seed=seed, kind="prefix")
+    pm = build_model(bb, spec, prefix * 20).eval()  # scaled: a prefix that changes what is decoded
+    ids = torch.tensor([[101, 2000, 2001, 2002], [101, 2003, 0, 0]])
+    return pm, ids, (ids != 0).long()
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_a_prefix_on_an_encoder_decoder_generates_as_it_trains(tokenizer, num_beams):
+    """The prefix sits in the decoder's self-attention: cache on = off, batched = row by row, and (greedy)
+    each token is the argmax of the training forward (target_nll's) over the tokens before it; the prefix
+    changes the text."""
+    pm, ids, mask = prefix_on_a_tiny_encoder_decoder(tokenizer)
+    both = pm.generate(ids, mask, max_new_tokens=5, num_beams=num_beams)
+    assert both.shape[0] == 2 and both.shape[1] >= 1
+    assert torch.equal(both, pm.generate(ids, mask, max_new_tokens=5, num_beams=num_beams, use_cache=False))
+    for r in range(2):
+        n = int(mask[r].sum())
+        alone = pm.generate(ids[r : r + 1, :n], mask[r : r + 1, :n], max_new_tokens=5, num_beams=num_beams)
+        assert torch.equal(both[r, : alone.shape[1]], alone[0])
+    if num_beams == 1:
+        net = pm.network
+        with torch.no_grad():
+            embeds, m, _, prefix = pm.prompted(ids[:1, :4], mask[:1, :4])
+            dec_in = net.prepare_decoder_input_ids_from_labels(labels=both[:1])
+            with pm.using_prefix(prefix):
+                logits = net(inputs_embeds=embeds, attention_mask=m, decoder_input_ids=dec_in,
+                             **pm.decoder_prefix(1)).logits  # [1, n, V]
+        assert torch.equal(logits.argmax(-1)[0], both[0])
+    other, _, _ = prefix_on_a_tiny_encoder_decoder(tokenizer, seed=1)
+    assert not torch.equal(other.generate(ids, mask, max_new_tokens=5, num_beams=num_beams), both)
+
+
 def test_a_stop_string_ends_decoding_and_leaves_the_text_before_it(tokenizer):
     """Decoding stops once each row's text holds a stop string; the text up to it is what it was without stops."""
     from composer.generation import cut_at_stop
