@@ -42,6 +42,7 @@ from composer.backbones import ALIASES, alias_path
 from composer.errors import BackboneError, LibraryError
 from composer.library import META_FILE, Entry, Library
 from composer.lora import write_peft_lora
+from composer.mpt import MPT_EXTRA, is_mpt
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,8 @@ def export_peft(library: Library, name: str, out_dir: str | Path, base_model_nam
     """
     entry = library.load(name)
     meta = entry.meta
+    if is_mpt(entry):
+        return _export_mpt(entry, out_dir, base_model_name_or_path, overwrite, library)
     if meta.get("kind") == "prefix" and not is_attention_composer(entry):
         return _export_prefix(entry, out_dir, base_model_name_or_path, overwrite, library)
     if is_attention_composer(entry):
@@ -180,6 +183,41 @@ def export_peft(library: Library, name: str, out_dir: str | Path, base_model_nam
     _write_adapter(out, entry.prompt, config, _sidecar(meta), more)
     log.info("exported prompt '%s' [%d, %d] as a PEFT %s prompt-tuning adapter to %s",
              name, *entry.prompt.shape, config["task_type"], out)
+    return out
+
+
+def _export_mpt(entry: Entry, out_dir, base_model_name_or_path: str | None, overwrite: bool,
+                library: Library) -> Path:
+    """An MPT entry (shared P*, every source task's rank-r factors) as a PEFT MultitaskPromptTuning adapter: the
+    same layout (P* -> prompt_embeddings, u -> prefix_task_cols [K, P, r], v -> prefix_task_rows [K, r, H]),
+    task id k = the k-th task of the entry's provenance (written into the sidecar as "task_ids")."""
+    meta = entry.meta
+    if meta.get("kind", "prompt") != "prompt":
+        raise LibraryError(f"prompt '{entry.name}' is an MPT prefix, and PEFT's MultitaskPromptTuning holds "
+                           "input-level prompts only; export a task's own prefix (train --multitask --save-prefix "
+                           "saves each) instead")
+    family = meta.get("family")
+    if family not in TASK_TYPE:
+        raise LibraryError(f"prompt '{entry.name}' has family {family!r} in {META_FILE}; a PEFT adapter needs one "
+                           f"of {', '.join(TASK_TYPE)}")
+    tasks = list((meta.get("provenance") or {}).get("tasks") or [])
+    factors = entry.extra(MPT_EXTRA) or {}
+    u, v = factors.get("u"), factors.get("v")
+    if u is None or v is None or u.shape[0] != len(tasks) or u.shape[1] != entry.prompt.shape[0]:
+        raise LibraryError(f"prompt '{entry.name}': {MPT_EXTRA}.safetensors must hold u [K, P, r] and v [K, r, H] "
+                           f"for its {len(tasks)} tasks; retrain it")
+    out = _check_out(entry.name, out_dir, overwrite, library)
+    base, folder = _base_model(meta.get("backbone"))
+    if base_model_name_or_path is not None:
+        base = base_model_name_or_path
+        folder = Path(base).expanduser() if Path(base).expanduser().is_dir() else None
+    config = dict(adapter_config(entry.prompt, family, base, **_shape_fields(folder)),
+                  peft_type="MULTITASK_PROMPT_TUNING", num_tasks=len(tasks), num_ranks=int(u.shape[2]),
+                  prompt_tuning_init="RANDOM", prompt_tuning_init_state_dict_path=None, prompt_tuning_init_task=0)
+    tensors = {PEFT_KEY: entry.prompt, "prefix_task_cols": u, "prefix_task_rows": v}
+    _write_adapter(out, tensors, config, dict(_sidecar(meta), task_ids={t: i for i, t in enumerate(tasks)}))
+    log.info("exported MPT prompt '%s' (%d tasks: %s) as a PEFT MultitaskPromptTuning adapter to %s; pass "
+             "task_ids in that order", entry.name, len(tasks), ", ".join(tasks), out)
     return out
 
 
@@ -274,15 +312,17 @@ def _kv_heads(folder: Path | None) -> int | None:
     return v if isinstance(v, int) else None
 
 
-def _write_adapter(out: Path, table: torch.Tensor, config: dict, sidecar: dict, more=None) -> None:
-    """adapter_config.json + adapter_model.safetensors (+ our sidecar, + what ``more(folder)`` writes), written
-    whole or not at all."""
+def _write_adapter(out: Path, table: torch.Tensor | dict[str, torch.Tensor], config: dict, sidecar: dict,
+                   more=None) -> None:
+    """adapter_config.json + adapter_model.safetensors (the table under PEFT_KEY, or a dict of tensors) (+ our
+    sidecar, + what ``more(folder)`` writes), written whole or not at all."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
+    tensors = table if isinstance(table, dict) else {PEFT_KEY: table}
     try:
-        save_file({PEFT_KEY: table.detach().to("cpu", torch.float32).contiguous()}, str(tmp / WEIGHTS_FILE),
-                  metadata={"format": "pt"})  # PEFT / transformers check this metadata key
+        save_file({k: t.detach().to("cpu", torch.float32).contiguous() for k, t in tensors.items()},
+                  str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})  # PEFT / transformers check this key
         atomic_write_text(tmp / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
         atomic_write_text(tmp / SIDECAR_FILE, json.dumps(sidecar, indent=2, sort_keys=True, default=str) + "\n")
         if more is not None:

@@ -257,3 +257,43 @@ def test_encoder_prompt_in_front_exports_with_identical_outputs(tmp_path, tokeni
     assert import_peft(lib, out, "back").meta["position"] == "front"
     (out / "prompt-composer.json").unlink()
     assert import_peft(lib, out, "bare").meta["position"] == "front"
+
+
+def test_mpt_entry_exports_as_a_multitask_prompt_tuning_adapter_with_each_tasks_logits(tmp_path, tokenizer, lib):
+    """An MPT entry (P*, every task's rank-1 factors) is PEFT's MultitaskPromptTuning layout: loaded with
+    PeftModel.from_pretrained, task id k gives our logits for task k's prompt P* ∘ (u_k v_kᵀ)."""
+    from transformers import AutoModelForCausalLM
+
+    from composer.mpt import MPT_EXTRA, mpt_prompts
+
+    model_dir = _save_model("decoder", tmp_path / "base")
+    g = torch.Generator().manual_seed(0)
+    shared, u, v = _prompt(), 1 + 0.3 * torch.randn(2, P, 1, generator=g), 1 + 0.3 * torch.randn(2, 1, 32, generator=g)
+    tasks = ["polarity", "topic"]
+    lib.save("m", shared, {"backbone": str(model_dir), "family": "decoder", "task": "polarity",
+                           "provenance": {"shared": "mpt", "tasks": tasks}}, extras={MPT_EXTRA: {"u": u, "v": v}})
+    out = export_peft(lib, "m", tmp_path / "adapter")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert (cfg["peft_type"], cfg["num_tasks"], cfg["num_ranks"]) == ("MULTITASK_PROMPT_TUNING", 2, 1)
+    assert json.loads((out / "prompt-composer.json").read_text())["task_ids"] == {"polarity": 0, "topic": 1}
+
+    pmodel = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), out).eval()
+    ids, mask = _batch(tokenizer, ["the film was good", "bad"])
+    bb = wrap(AutoModelForCausalLM.from_pretrained(model_dir), tokenizer, name=str(model_dir), family="decoder")
+    for k in range(2):
+        pk = mpt_prompts(shared, u, v, torch.tensor([k]))[0]  # [P, H]
+        pm = build_model(bb, SPEC, pk)
+        with torch.no_grad():
+            theirs = pmodel(input_ids=ids, attention_mask=mask, task_ids=torch.full((2,), k)).logits
+            embeds, full_mask, _, _ = pm.prompted(ids, mask)
+            ours = pm.network(inputs_embeds=embeds, attention_mask=full_mask).logits
+        real = full_mask.bool()
+        torch.testing.assert_close(theirs[real], ours[real], atol=1e-5, rtol=0)
+    # an MPT prefix has no PEFT counterpart: one line, nothing written
+    lib.save("mp", torch.randn(2, 2, P, 32), {"backbone": str(model_dir), "family": "decoder", "kind": "prefix",
+                                              "hidden_size": 32,
+                                              "provenance": {"shared": "mpt", "tasks": tasks}},
+             extras={MPT_EXTRA: {"u": torch.ones(2, 2 * 2 * P, 1), "v": torch.ones(2, 1, 32)}})
+    with pytest.raises(LibraryError, match=r"^prompt 'mp' is an MPT prefix, and PEFT's MultitaskPromptTuning holds"):
+        export_peft(lib, "mp", tmp_path / "adapter2")
+    assert not (tmp_path / "adapter2").exists()
