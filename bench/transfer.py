@@ -38,6 +38,13 @@ bench/records/quick-smollm2):
 (--figures keeps it off the minilm quick tier's bench/figures/transfer-quick-cr-fs.png; the committed copy
 is bench/figures/transfer-quick-smollm2-cr-fs.png)
 
+--kind prefix runs every prompt arm (sources included) on prefixes, keys and values in every attention layer,
+named apart in the library (SOURCE-minilm-prefix-STEPS); peft becomes PEFT's PrefixTuning, full stays model
+tuning with one virtual token. The prefix run of bench/RESULTS.md (4 sources, 2 targets, 3 seeds):
+    python bench/transfer.py --full --kind prefix --lr 0.03 --sources qqp,mnli,sst2,mr --targets mrpc-fs,cr-fs \
+        --arms random,peft,best,average,attention --seeds 0,1,2 --source-steps 500 --pair-steps 30 \
+        --runs runs/bench-transfer/full-prefix --figures runs/figs-prefix
+
 Nothing finished is lost: each tuning run and each composition writes a record (record.json, with
 what it depends on: settings, init prompt's content hash) into its run folder, and a later invocation
 with the same settings reads it back instead of running again (--rerun: run everything). A killed
