@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from composer.atomic import atomic_write_text
-from composer.errors import TrainingError
+from composer.errors import LibraryError, TrainingError
 
 _ADAPTER = re.compile(r"\.(lora_[AB]|lora_embedding_[AB])\.default(\.|$)")
 
@@ -72,8 +72,8 @@ def load_lora(network, settings: dict, tensors: dict[str, torch.Tensor], what: s
     params = dict(network.named_parameters())
     missing = sorted(set(tensors) - set(params))
     if missing:
-        raise TrainingError(f"{what} holds LoRA weights '{missing[0]}' that this backbone lacks; load it with the "
-                            "backbone it was tuned on")
+        raise LibraryError(f"{what} holds LoRA weights '{missing[0]}' that this backbone lacks; load it with the "
+                           "backbone it was tuned on")
     with torch.no_grad():
         for n, t in tensors.items():
             params[n].copy_(t.to(params[n].dtype))

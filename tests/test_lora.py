@@ -84,6 +84,13 @@ def test_only_the_prompt_and_the_lora_train_and_the_entry_loads_back_to_the_same
     theirs = dev_logits(build_model(bb, load_task(str(toy_task)), entry.prompt), toy_task)
     assert torch.allclose(ours, theirs, atol=1e-4)
     assert export_peft(Library(), "k", out, overwrite=True) == out  # --force replaces a previous export, lora/ too
+    # an entry whose LoRA names weights this backbone does not have: one line, from the library
+    from composer.errors import LibraryError
+
+    bad = {**entry.extra("lora"), "no.such.lora_A.weight": torch.zeros(4, 4)}
+    Library().save("bad", entry.prompt, dict(entry.meta), extras={"lora": bad})
+    with pytest.raises(LibraryError, match=r"holds LoRA weights 'no.such.lora_A.weight' that this backbone lacks"):
+        from_library(Library().load("bad"), load_backbone(str(path)), load_task(str(toy_task)))
 
 
 def test_peft_key_drops_the_adapter_name_as_peft_saves():
