@@ -65,7 +65,7 @@ def fixed_batch(enc, B: int, pad_id: int) -> dict:
 def train_step_bench(args, bb) -> dict:
     from peft import PromptTuningConfig, TaskType, get_peft_model
 
-    from composer.loop import Optimizer, RunFolder, make_accelerator, seed_step, training_step
+    from composer.loop import Optimizer, RunFolder, make_accelerator
     from composer.train import TrainConfig, prepare
 
     cfg = TrainConfig(task=args.task, backbone=bb.name, prompt_length=args.prompt_length, batch_size=args.batch_size,
@@ -93,26 +93,10 @@ def train_step_bench(args, bb) -> dict:
     peft_opt = torch.optim.AdamW(peft_params, lr=cfg.lr)
 
     # the check: the same NLL, reduced two ways
-    model.eval(), peft_model.eval()
-    with torch.no_grad(), acc.autocast():
-        rows = model(ids, mask, targets=targets).float()  # [B] mean NLL per row
-        theirs = float(peft_generation_loss(peft_model, args.prompt_length, ids, mask, targets))
-    n = (targets >= 0).sum(1).float()
-    ours = float((rows * n).sum() / n.sum())
+    ours, theirs = same_target_nll(acc, model, peft_model, ids, mask, targets, args.mixed_precision,
+                                   lambda: peft_generation_loss(peft_model, args.prompt_length, ids, mask, targets))
     check = {"ours_token_mean": ours, "peft_loss": theirs, "abs_diff": abs(ours - theirs)}
-    tol = 2e-2 if args.mixed_precision == "bf16" else 1e-3
-    if abs(ours - theirs) > tol * max(1.0, abs(theirs)):
-        raise SystemExit(f"(a) and (b) disagree on the target NLL: {ours:.6f} vs {theirs:.6f}")
-    model.train(), peft_model.train()
-
-    step_no = [0]
-
-    def step_a():
-        seed_step(cfg.seed, step_no[0], dev)
-        with acc.autocast():
-            loss = model(ids, mask, targets=targets).mean()
-        training_step(acc, loss, opt, cfg.max_grad_norm, step_no[0], run, cfg.lr)
-        step_no[0] += 1
+    step_a = our_step(cfg, acc, model, opt, run, ids, mask, targets, dev)
 
     def step_b():
         with acc.autocast():
@@ -134,11 +118,43 @@ def train_step_bench(args, bb) -> dict:
                 times[k].append(time.perf_counter() - t)
         print(f"  train repeat {r + 1}/{args.warmup + args.repeats}", file=sys.stderr, flush=True)
     stats = {k: dict(zip(("q1_ms", "median_ms", "q3_ms"), (x * 1e3 for x in quantiles(v)))) for k, v in times.items()}
-    out = {"B": args.batch_size, "T_input": int(mask.sum(1).max()), "T_target": int(n.max()), "P": args.prompt_length,
+    out = {"B": args.batch_size, "T_input": int(mask.sum(1).max()), "T_target": int((targets >= 0).sum(1).max()), "P": args.prompt_length,
            "check": check, "arms": stats, "ratio_a_over_b": stats["a"]["median_ms"] / stats["b"]["median_ms"],
            "median_paired_ratio": statistics.median(x / y for x, y in zip(times["a"], times["b"]))}
     del peft_model, own
     return out, prep
+
+
+def same_target_nll(acc, model, peer, ids, mask, targets, precision: str, peer_loss) -> tuple[float, float]:
+    """(a)'s target NLL (per-row means, reduced to the token mean) and the peer's ``peer_loss()``, in eval mode
+    -> (ours, theirs); exits when they disagree (the two arms must compute the same loss). Both end in train mode."""
+    model.eval(), peer.eval()
+    with torch.no_grad(), acc.autocast():
+        rows = model(ids, mask, targets=targets).float()  # [B] mean NLL per row
+        theirs = float(peer_loss())
+    n = (targets >= 0).sum(1).float()
+    ours = float((rows * n).sum() / n.sum())
+    tol = 2e-2 if precision == "bf16" else 1e-3
+    if abs(ours - theirs) > tol * max(1.0, abs(theirs)):
+        raise SystemExit(f"(a) and (b) disagree on the target NLL: {ours:.6f} vs {theirs:.6f}")
+    model.train(), peer.train()
+    return ours, theirs
+
+
+def our_step(cfg, acc, model, opt, run, ids, mask, targets, dev):
+    """(a)'s training step on the fixed batch, as train.py's loop runs it: seed_step, forward under autocast,
+    training_step (backward, clip, optimizer, schedule); each call one step further."""
+    from composer.loop import seed_step, training_step
+
+    step_no = [0]
+
+    def step():
+        seed_step(cfg.seed, step_no[0], dev)
+        with acc.autocast():
+            loss = model(ids, mask, targets=targets).mean()
+        training_step(acc, loss, opt, cfg.max_grad_norm, step_no[0], run, cfg.lr)
+        step_no[0] += 1
+    return step
 
 
 def new_tokens(tokens: torch.Tensor, eos: int | None) -> int:

@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
-from generation_speed import fixed_batch, step_bench_args, sync, write_outputs  # noqa: E402
+from generation_speed import (fixed_batch, our_step, same_target_nll, step_bench_args, sync,  # noqa: E402
+                              write_outputs)
 from step_overhead import cpu_label, environment, quantiles  # noqa: E402
 from transfer import git_commit  # noqa: E402
 
@@ -59,7 +60,7 @@ def run(args) -> dict:
     from peft import LoraConfig, get_peft_model
 
     from composer.backbones import load_backbone
-    from composer.loop import Optimizer, RunFolder, make_accelerator, seed_step, training_step
+    from composer.loop import Optimizer, RunFolder, make_accelerator
     from composer.lora import is_lora_param
     from composer.train import TrainConfig, prepare
 
@@ -102,24 +103,8 @@ def run(args) -> dict:
     n_peer = sum(p.numel() for p in peer_params)
     if n_ours != n_peer:
         raise SystemExit(f"(a) trains {n_ours} numbers, (b) {n_peer}")
-    model.eval(), peer.eval()
-    with torch.no_grad(), acc.autocast():
-        rows = model(ids, mask, targets=targets).float()
-        theirs = float(peer_loss())
-    n = (targets >= 0).sum(1).float()
-    ours = float((rows * n).sum() / n.sum())
-    tol = 2e-2 if args.mixed_precision == "bf16" else 1e-3
-    if abs(ours - theirs) > tol * max(1.0, abs(theirs)):
-        raise SystemExit(f"(a) and (b) disagree on the target NLL: {ours:.6f} vs {theirs:.6f}")
-    model.train(), peer.train()
-    step_no = [0]
-
-    def step_a():
-        seed_step(cfg.seed, step_no[0], dev)
-        with acc.autocast():
-            loss = model(ids, mask, targets=targets).mean()
-        training_step(acc, loss, opt, cfg.max_grad_norm, step_no[0], runf, cfg.lr)
-        step_no[0] += 1
+    ours, theirs = same_target_nll(acc, model, peer, ids, mask, targets, args.mixed_precision, peer_loss)
+    step_a = our_step(cfg, acc, model, opt, runf, ids, mask, targets, dev)
 
     def step_b():
         with acc.autocast():
