@@ -65,6 +65,20 @@ class FieldArgument(click.Argument):
         self.source = source
 
 
+class OutPath(click.Path):
+    """A path a command writes to: refused at once, in one line, where a part above it is a file (the OS would
+    say "Not a directory" or "File exists" only when the write comes, after the work)."""
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        for above in Path(os.fspath(value)).absolute().parents:
+            if above.exists():
+                if not above.is_dir():
+                    self.fail(f"{value!r} cannot be written: {above} is a file, not a folder", param, ctx)
+                break
+        return value
+
+
 def config_field(cls, name: str) -> dataclasses.Field:
     for f in dataclasses.fields(cls):
         if f.name == name:
@@ -233,7 +247,7 @@ def _flags(ctx) -> dict[str, str]:
 
 
 @click.group(cls=App, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--library", type=click.Path(file_okay=False), envvar="PROMPT_COMPOSER_LIBRARY",
+@click.option("--library", type=OutPath(file_okay=False), envvar="PROMPT_COMPOSER_LIBRARY",
               help="Prompt library folder (default $PROMPT_COMPOSER_LIBRARY, else ~/.local/share/prompt-composer/library).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @click.option("-v", "--verbose", count=True, help="More logging on stderr (-v info, -vv debug).")
@@ -353,7 +367,7 @@ def task_check(name, data_dir, as_json):
 @train_option("gradient_checkpointing")
 @train_option("data_dir", type=click.Path(file_okay=False), envvar="PROMPT_COMPOSER_DATA")
 @train_option("save")
-@train_option("run_dir", type=click.Path(file_okay=False))
+@train_option("run_dir", type=OutPath(file_okay=False))
 @click.option("--resume", type=click.Path(file_okay=False), help="Continue the run in this folder.")
 @click.option("--multitask", is_flag=True, help="Train many tasks at once (--graph or --tasks), mixed batches.")
 @train_option("graph")
@@ -363,7 +377,7 @@ def task_check(name, data_dir, as_json):
 @train_option("distill_kl")
 @train_option("distill_hidden")
 @train_option("save_prefix")
-@click.option("--plot", type=click.Path(dir_okay=False), help="Write the dev learning curve(s) as a PNG.")
+@click.option("--plot", type=OutPath(dir_okay=False), help="Write the dev learning curve(s) as a PNG.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
@@ -486,9 +500,9 @@ def _plot_curves(run_dir: str, path: str, title: str, ylabel: str, name: str = "
 @click.option("--matrix", is_flag=True, help="Zero-shot transfer of many prompts (--prompts) on many tasks (--tasks).")
 @click.option("--prompts", help="--matrix: comma-separated prompt names (default: all).")
 @click.option("--tasks", "tasks_", help="--matrix: comma-separated task names.")
-@click.option("--plot", type=click.Path(dir_okay=False), help="--matrix: heatmap PNG.")
+@click.option("--plot", type=OutPath(dir_okay=False), help="--matrix: heatmap PNG.")
 @click.option("--num-beams", default=1, show_default=True, type=int, help="Generation tasks: beam width.")
-@click.option("--predictions", type=click.Path(dir_okay=False),
+@click.option("--predictions", type=OutPath(dir_okay=False),
               help="Generation tasks: write every generation and its references here (JSON lines).")
 @device_option("")
 @click.option("--json", "as_json", is_flag=True)
@@ -711,7 +725,7 @@ def graph_validate(ctx, graph_path, check_prompts, strict, as_json):
 
 @graph.command("draw")
 @click.argument("graph_path", metavar="GRAPH")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
+@click.option("--out", required=True, type=OutPath(dir_okay=False), help="PNG file to write.")
 def graph_draw(graph_path, out):
     """Draw a graph as PNG: roles as colours, part_of solid, similar dashed, weights on the edges."""
     from composer import graph as G_
@@ -729,7 +743,7 @@ def graph_draw(graph_path, out):
 @click.option("--target", "targets", multiple=True, help="Only these targets (default: every target node).")
 @click.option("--max-examples", default=300, show_default=True, type=int, help="transfer: dev examples per target.")
 @data_dir_option(TrainConfig)
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Where to write the linked graph (JSON).")
+@click.option("--out", required=True, type=OutPath(dir_okay=False), help="Where to write the linked graph (JSON).")
 @device_option("transfer, on: ")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
@@ -762,7 +776,7 @@ def graph_link(ctx, graph_path, metric, top_k, targets, max_examples, data_dir, 
 @click.option("--metric", default="cos-avg", show_default=True, help=_choice_help(SIMILARITY_METRICS))
 @click.option("--model", help="Backbone for --metric on (default: the prompts').")
 @device_option("--metric on: ")
-@click.option("--plot", type=click.Path(dir_okay=False), help="Write a heatmap PNG.")
+@click.option("--plot", type=OutPath(dir_okay=False), help="Write a heatmap PNG.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def similarity(ctx, names, all_, metric, model, device, plot, as_json):
@@ -817,8 +831,8 @@ def similarity(ctx, names, all_, metric, model, device, plot, as_json):
 @option_from(ComposeConfig, "seed")
 @data_dir_option(ComposeConfig)
 @option_from(ComposeConfig, "save")
-@option_from(ComposeConfig, "out_graph", type=click.Path(dir_okay=False))
-@click.option("--plot", type=click.Path(dir_okay=False), help="attention: PNG of the weights per class.")
+@option_from(ComposeConfig, "out_graph", type=OutPath(dir_okay=False))
+@click.option("--plot", type=OutPath(dir_okay=False), help="attention: PNG of the weights per class.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def compose(ctx, plot, as_json, **settings):
@@ -921,7 +935,7 @@ def library_rm(ctx, names):
 
 @library.command("export-peft")
 @click.argument("name")
-@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.argument("out_dir", type=OutPath(file_okay=False))
 @click.option("--base-model", help="base_model_name_or_path to record (default: the prompt's backbone hub id or path).")
 @click.option("--force", is_flag=True, help="Replace a non-empty OUT_DIR.")
 @click.pass_context
@@ -953,7 +967,7 @@ def library_import_peft(ctx, adapter_dir, name, backbone, task_name, force):
 # ---------------------------------------------------------------------------------------------- demo
 @cli.command()
 @option_from(DemoConfig, "backbone")
-@option_from(DemoConfig, "out", type=click.Path(file_okay=False))
+@option_from(DemoConfig, "out", type=OutPath(file_okay=False))
 @option_from(DemoConfig, "source_steps")
 @option_from(DemoConfig, "target_steps")
 @option_from(DemoConfig, "k_shot")

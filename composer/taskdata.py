@@ -230,7 +230,12 @@ def _hub_rows(spec: TaskSpec, split: str) -> tuple[list[dict[str, Any]], str]:
 
     d = spec.data
     hub_split = split_entry(d["splits"][split])["path"]
-    ds = datasets.load_dataset(d["path"], d.get("name"), split=hub_split)
+    try:
+        ds = datasets.load_dataset(d["path"], d.get("name"), split=hub_split)
+    except ConnectionError as e:  # datasets' offline answer (HF_HUB_OFFLINE=1 is prompt-composer's default)
+        raise TaskError(f"task {spec.name}: hub dataset {d['path']!r} is not in the local datasets cache and the hub "
+                        "is off (prompt-composer runs offline); fetch it once with HF_HUB_OFFLINE=0 "
+                        "prompt-composer task check ..., or point data.source at local files") from e
     rows = [dict(r) for r in ds]
     fmap = d.get("field_map") or {}
     if fmap:

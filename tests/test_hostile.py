@@ -144,9 +144,9 @@ def test_unwritable_library_is_refused_before_training(toy_task, tiny_bert_dir, 
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     _no_work(monkeypatch)
-    err = one_line(run("--library", blocker / "lib", "train", toy_task, "--model", tiny_bert_dir, "--save", "ok",
-                       *TINY, ok=False))
-    assert "cannot be made" in err and str(blocker) in err
+    err = _usage_error(run("--library", blocker / "lib", "train", toy_task, "--model", tiny_bert_dir, "--save",
+                           "ok", *TINY, ok=False))
+    assert f"{blocker} is a file, not a folder" in err
     # read-only (os.access is asked: root reads any folder, so the permission bits cannot show it here)
     import composer.library as L
 
@@ -575,3 +575,43 @@ def test_resume_from_broken_run_files_is_one_line(toy_task, tiny_bert_dir, in_tm
     assert "trainable.safetensors is truncated or corrupted" in err and str(folder / "checkpoint") in err
     (folder / "config.json").write_text("{not json")
     assert "cannot be read as JSON" in one_line(run("train", "--resume", folder, ok=False))
+
+
+# -- outputs under a file, hub data offline -------------------------------------------------------------
+def _usage_error(r) -> str:
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("Error")]
+    assert len(errors) == 1, r.stderr
+    return errors[0]
+
+
+def test_an_output_under_a_file_is_refused_before_work(lib_with_entries, toy_task, tiny_bert_dir, tmp_path, in_tmp,
+                                                       monkeypatch):
+    _no_work(monkeypatch)
+    f = tmp_path / "afile"
+    f.write_text("mine")
+    before = snapshot(lib_with_entries.root)
+    name = lib_with_entries.names()[0]
+    for args in (["library", "export-peft", name, f / "sub"],
+                 ["train", toy_task, "--model", tiny_bert_dir, "--run-dir", f / "run", "--save", "x"],
+                 ["train", toy_task, "--model", tiny_bert_dir, "--plot", f / "a" / "curve.png", "--save", "x"],
+                 ["graph", "draw", "g.yaml", "--out", f / "g.png"],
+                 ["demo", "--out", f / "demo"]):
+        err = _usage_error(run(*args, ok=False))
+        assert f"{f} is a file, not a folder" in err, (args, err)
+    assert f.read_text() == "mine" and snapshot(lib_with_entries.root) == before
+    assert list(in_tmp.iterdir()) == []
+
+
+def test_a_hub_task_offline_says_so(tmp_path, monkeypatch):
+    import datasets
+
+    def offline(*a, **k):
+        raise ConnectionError("Couldn't reach 'someorg/nosuch' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    spec = tmp_path / "hubtask.yaml"
+    spec.write_text("name: hubtask\ndata:\n  source: hub\n  path: someorg/nosuch\n  splits: {train: train}\n"
+                    "inputs: [text]\ntemplate: '{text}'\nlabel_field: label\nlabels: ['0', '1']\nmetric: accuracy\n")
+    err = one_line(run("task", "check", spec, ok=False))
+    assert "hub dataset 'someorg/nosuch' is not in the local datasets cache" in err and "HF_HUB_OFFLINE=0" in err
