@@ -232,9 +232,27 @@ class RunFolder:
         Refused in one line (before anything is written): a folder another process holds (two runs of one
         --save would interleave their metrics and save each other's prompt), a file, and an existing folder
         with files in it that is not a run folder (its best/ and checkpoint/ would be replaced)."""
-        if not self.acc.is_main_process:  # the main process owns the folder for every rank
+        f, problem = None, None
+        if self.acc.is_main_process:  # the main process owns the folder for every rank
+            try:
+                f = self._take(resume)
+            except TrainingError as e:
+                problem = str(e)
+        if self.acc.num_processes > 1:  # every rank learns the main process's answer: none waits on a refused run
+            from accelerate.utils import broadcast_object_list
+
+            problem = broadcast_object_list([problem], from_process=0)[0]
+        if problem:
+            raise TrainingError(problem)
+        try:
             yield self
-            return
+        finally:
+            if f is not None:
+                fcntl.flock(f, fcntl.LOCK_UN)
+                f.close()
+
+    def _take(self, resume: bool):
+        """The main process's checks and its flock on RUN/.lock (the open file), or TrainingError."""
         if self.path.exists() and not self.path.is_dir():
             raise TrainingError(f"run folder {self.path} is a file; give another --run-dir (or --save name)")
         if (not resume and self.path.is_dir() and any(p.name != ".lock" for p in self.path.iterdir())
@@ -253,11 +271,7 @@ class RunFolder:
             f.close()
             raise TrainingError(f"run folder {self.path} is in use by another run (it holds {self.path / '.lock'}); "
                                 "wait for it to finish, or give another --save name or --run-dir") from None
-        try:
-            yield self
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-            f.close()
+        return f
 
     def open(self, cfg: TuningConfig, resume: bool, best_dirs: list[Path], model, opt: Optimizer,
              state: dict) -> dict:

@@ -197,3 +197,23 @@ def test_kill_9_then_resume_reaches_the_uninterrupted_parameters(root, env):
     train(TrainConfig(**single(root, "whole", steps=steps, eval_every=8, checkpoint_every=2)), progress=False)
     torch.testing.assert_close(trainable(root / "killed")["prompt_source.weight"],
                                trainable(root / "whole")["prompt_source.weight"], rtol=0, atol=1e-6)
+
+
+def test_a_refused_run_folder_stops_every_rank(root, env):
+    """The main process refuses a folder that is not a run folder; rank 1 is told so and stops too (no rank
+    waits for a run that will never start), and the user's file is untouched."""
+    folder = root / "not-a-run"
+    folder.mkdir()
+    (folder / "mine.txt").write_text("keep")
+    path = root / "refused.json"
+    path.write_text(json.dumps(single(root, "not-a-run")))
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+                        "--nproc_per_node", "2", "--log-dir", str(root / "refused-logs"), "--redirects", "3",
+                        str(WORKER), str(path)], env=cpu_only(env), cwd=root, capture_output=True, text=True,
+                       timeout=180)
+    assert p.returncode != 0
+    logs = {q.parent.name: q.read_text() for q in (root / "refused-logs").rglob("stderr.log")}
+    assert sorted(logs) == ["0", "1"], logs  # torchrun's per-rank stderr
+    for rank, text in logs.items():
+        assert "TrainingError: run folder" in text and "holds files and is not a run folder" in text, (rank, text)
+    assert sorted(q.name for q in folder.iterdir()) == ["mine.txt"] and (folder / "mine.txt").read_text() == "keep"
