@@ -200,6 +200,7 @@ class Library:
         meta.update(name=name, version=__version__,
                     created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
         meta["extras"] = sorted(extras or {})
+        self.check_writable()
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
@@ -227,6 +228,7 @@ class Library:
         if not d.is_dir() or d.is_symlink():  # a broken entry (no prompt.json) is removed like a whole one
             self._dir(name)  # the usual "no prompt ..." error
             raise LibraryError(f"'{name}' in the library at {self.root} is not an entry folder; remove it by hand")
+        self.check_writable()
         with self._lock():
             trash = self.root / f".{name}.{uuid.uuid4().hex[:8]}.old"
             os.rename(d, trash)

@@ -615,3 +615,18 @@ def test_a_hub_task_offline_says_so(tmp_path, monkeypatch):
                     "inputs: [text]\ntemplate: '{text}'\nlabel_field: label\nlabels: ['0', '1']\nmetric: accuracy\n")
     err = one_line(run("task", "check", spec, ok=False))
     assert "hub dataset 'someorg/nosuch' is not in the local datasets cache" in err and "HF_HUB_OFFLINE=0" in err
+
+
+def test_a_read_only_library_refuses_rm_and_import_in_one_line(lib_with_entries, tmp_path, monkeypatch):
+    import composer.library as L
+
+    lib = lib_with_entries
+    adapter = Path(run("--library", lib.root, "library", "export-peft", "a", tmp_path / "exp").stdout.strip())
+    before = snapshot(lib.root)
+    real = L.os.access  # root reads and writes any folder, so the permission bits cannot show it: os.access is asked
+    monkeypatch.setattr(L.os, "access", lambda p, mode, **kw: real(p, mode, **kw) and not (
+        Path(p) == lib.root and mode & L.os.W_OK))
+    for args in (["library", "rm", "a"], ["library", "import-peft", adapter, "--name", "c"]):
+        err = one_line(run("--library", lib.root, *args, ok=False))
+        assert f"the library at {lib.root} is not writable" in err, (args, err)
+    assert snapshot(lib.root) == before
