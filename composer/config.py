@@ -169,9 +169,33 @@ class TuningConfig(_Config):
     gradient_checkpointing: bool = opt(False, "Recompute backbone activations in backward (less memory).")
     run_dir: str | None = opt(None, "Run folder (default runs/SAVE or runs/TASK-TIME).")
 
+    adapter: str = opt("none", "Joint mode: none (the backbone weights --unfreeze picks train) or lora (PEFT's LoRA "
+                               "layers train instead, saved beside the prompt).", choices=ADAPTERS)
+    lora_r: int = opt(8, "--adapter lora: the rank r.")
+    lora_alpha: float = opt(16.0, "--adapter lora: alpha (the update is scaled by alpha / r).")
+    lora_dropout: float = opt(0.0, "--adapter lora: dropout on the LoRA input.")
+    lora_targets: str | None = opt(None, "--adapter lora: comma-separated module names (default: PEFT's choice "
+                                         "for the architecture, the attention query/value projections).")
+    lora_lr: float = opt(5e-4, "--adapter lora: learning rate of the LoRA weights.")
+
     _renamed = {"model": "backbone"}
 
     def __post_init__(self):
+        if self.adapter not in ADAPTERS:
+            raise TrainingError(f"unknown --adapter {self.adapter!r}: use one of {', '.join(ADAPTERS)}")
+        if self.adapter == "lora":
+            if self.mode != "joint":
+                raise TrainingError("--adapter lora trains beside the prompt in joint mode: add --mode joint")
+            if self.unfreeze != "all":
+                raise TrainingError(f"--adapter lora trains LoRA weights, not backbone weights: drop --unfreeze "
+                                    f"{self.unfreeze}")
+            if self.lora_r <= 0 or not (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)):
+                raise TrainingError(f"--lora-r and --lora-alpha must be positive, got {self.lora_r} and "
+                                    f"{self.lora_alpha}")
+            if not 0 <= self.lora_dropout < 1:
+                raise TrainingError(f"--lora-dropout is a probability in [0, 1), got {self.lora_dropout}")
+            if not (self.lora_lr > 0 and math.isfinite(self.lora_lr)):
+                raise TrainingError(f"--lora-lr must be a finite number > 0, got {self.lora_lr}")
         if self.steps <= 0:
             raise TrainingError(f"--steps must be positive, got {self.steps}")
         if self.batch_size <= 0:
@@ -229,14 +253,6 @@ class TrainConfig(TuningConfig):
 
     task: str = opt(help="Task spec name or path to a YAML file.", flag="TASK")
     save: str | None = opt(None, "Save the best prompt to the library under this name.")
-    adapter: str = opt("none", "Joint mode: none (the backbone weights --unfreeze picks train) or lora (PEFT's LoRA "
-                               "layers train instead, saved beside the prompt).", choices=ADAPTERS)
-    lora_r: int = opt(8, "--adapter lora: the rank r.")
-    lora_alpha: float = opt(16.0, "--adapter lora: alpha (the update is scaled by alpha / r).")
-    lora_dropout: float = opt(0.0, "--adapter lora: dropout on the LoRA input.")
-    lora_targets: str | None = opt(None, "--adapter lora: comma-separated module names (default: PEFT's choice "
-                                         "for the architecture, the attention query/value projections).")
-    lora_lr: float = opt(5e-4, "--adapter lora: learning rate of the LoRA weights.")
     prompt_position: str = opt("after-cls", "Where an input-level prompt goes on a BERT-style encoder: after-cls "
                                             "([CLS] prompt text) | front (prompt [CLS] text, PEFT's placement: "
                                             "its PromptTuning export gives the same outputs). Other backbones: "
@@ -253,21 +269,6 @@ class TrainConfig(TuningConfig):
             check_name(self.save, "--save")
         if not self.backbone:
             raise TrainingError("a single-task run needs a backbone: give --model (e.g. minilm)")
-        if self.adapter not in ADAPTERS:
-            raise TrainingError(f"unknown --adapter {self.adapter!r}: use one of {', '.join(ADAPTERS)}")
-        if self.adapter == "lora":
-            if self.mode != "joint":
-                raise TrainingError("--adapter lora trains beside the prompt in joint mode: add --mode joint")
-            if self.unfreeze != "all":
-                raise TrainingError(f"--adapter lora trains LoRA weights, not backbone weights: drop --unfreeze "
-                                    f"{self.unfreeze}")
-            if self.lora_r <= 0 or not (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)):
-                raise TrainingError(f"--lora-r and --lora-alpha must be positive, got {self.lora_r} and "
-                                    f"{self.lora_alpha}")
-            if not 0 <= self.lora_dropout < 1:
-                raise TrainingError(f"--lora-dropout is a probability in [0, 1), got {self.lora_dropout}")
-            if not (self.lora_lr > 0 and math.isfinite(self.lora_lr)):
-                raise TrainingError(f"--lora-lr must be a finite number > 0, got {self.lora_lr}")
         if self.prompt_position not in POSITIONS:
             raise TrainingError(f"unknown --prompt-position {self.prompt_position!r}: use one of {', '.join(POSITIONS)}")
         super().__post_init__()
@@ -333,6 +334,10 @@ class MultiTaskConfig(TuningConfig):
             raise TrainingError(f"--attention-rank must be >= 1, got {self.attention_rank}")
         if self.shared not in MULTITASK_SHARED:
             raise TrainingError(f"unknown --shared {self.shared!r}: use one of {', '.join(MULTITASK_SHARED)}")
+        if self.shared == "mpt" and self.adapter == "lora":
+            raise TrainingError("--shared mpt with --adapter lora: the teachers' outputs are computed through the "
+                                "same backbone, which LoRA would change under them; distil first (--shared mpt), "
+                                "then adapt a target with --mode joint --adapter lora")
         for name in ("distill_kl", "distill_hidden"):
             w = getattr(self, name)
             if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):

@@ -92,7 +92,7 @@ def param_groups(cfg: TuningConfig, model) -> list[dict]:
     ``model`` is a PromptedModel or a MultiTaskModel; the backbone is frozen first, then unfrozen as chosen."""
     freeze_backbone(model)
     backbone_params = []
-    lora = cfg.mode == "joint" and getattr(cfg, "adapter", "none") == "lora"  # single-task runs only
+    lora = cfg.mode == "joint" and cfg.adapter == "lora"
     if lora:  # PEFT's LoRA layers, injected by prepare: they train, no backbone weight does
         for n, p in model.network.named_parameters():
             if is_lora_param(n):

@@ -49,6 +49,7 @@ from composer.mpt import build_mpt_model, save_mpt_entry
 from composer.evaluate import evaluate
 from composer.heads import resolve_head
 from composer.library import Library, check_compatible, check_name
+from composer.lora import add_lora
 from composer.loop import (Optimizer, RunFolder, check_resume, encode_splits, make_accelerator, out_of_patience,
                            seed_step, training_step)
 from composer.model import MultiTaskModel, build_model, check_positions
@@ -187,6 +188,11 @@ def prepare_multitask(cfg: MultiTaskConfig, backbone: Backbone | None = None,
         model = MultiTaskModel(backbone, {k: v.prompt_source for k, v in views.items()},
                                {k: v.head for k, v in views.items()},
                                {k: p.spec.num_labels for k, p in preps.items()}, shared=shared)
+    if cfg.adapter == "lora":  # one LoRA on the shared backbone, before the optimizer and any checkpoint load
+        settings = add_lora(model.network, {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
+                                            "targets": cfg.lora_targets})
+        for key in preps:  # each task's view saves it beside its prompt (every entry stands alone)
+            model.view(key).lora = settings
     for key, p in preps.items():
         p.model = model.view(key)
     return MultiPrepared(backbone, model, preps, sources, mpt)

@@ -135,3 +135,45 @@ def test_bad_lora_settings_are_refused_in_one_line(kw, msg):
 def test_unknown_target_modules_are_named(toy_task, tiny_bert_dir, tmp_path):
     with pytest.raises(TrainingError, match="--lora-targets nope"):
         train(cfg(toy_task, tiny_bert_dir, tmp_path, lora_targets="nope"), progress=False)
+
+
+def test_multitask_lora_one_adapter_shared_by_every_task_saved_with_each(toy_task, tiny_bert_dir, tmp_path):
+    """--multitask --mode joint --adapter lora: one LoRA on the shared backbone trains with every task's prompt;
+    each task's entry holds it (the same tensors), loads back to the run's own dev score, and the frozen weights
+    never move."""
+    from transformers import AutoModel
+
+    from composer.config import MultiTaskConfig
+    from composer.evaluate import evaluate
+    from composer.multitask import train_multitask
+    from tests.conftest import write_toy_task
+
+    other = write_toy_task(tmp_path, name="toy2", seed=1)
+    before = dict(AutoModel.from_pretrained(tiny_bert_dir).named_parameters())
+    mc = MultiTaskConfig(tasks=[str(toy_task), str(other)], backbone=str(tiny_bert_dir), prompt_length=4, steps=6,
+                         batch_size=8, lr=0.1, eval_every=3, max_eval=16, seed=0, run_dir=str(tmp_path / "mt"),
+                         mode="joint", adapter="lora", lora_r=4, lora_lr=5e-2, save_prefix="mt-")
+    res = train_multitask(mc, progress=False)
+    last = load_file(str(tmp_path / "mt" / "checkpoint" / "trainable.safetensors"))
+    lora = {n for n in last if is_lora_param(n)}
+    assert lora and set(last) == {"prompts.toy.weight", "prompts.toy2.weight"} | lora  # no backbone weight
+    assert any(not torch.equal(last[n], torch.zeros_like(last[n])) for n in lora if "lora_B" in n)
+    for key in ("toy", "toy2"):
+        entry = Library().load(f"mt-{key}")
+        assert entry.meta["lora"] == {"r": 4, "alpha": 16.0, "dropout": 0.0, "targets": ["query", "value"]}
+        best = load_file(str(tmp_path / "mt" / "best" / key / "trainable.safetensors"))
+        assert all(torch.equal(t, best[f"network.{n}"]) for n, t in entry.extra("lora").items())  # its best
+        spec = load_task(str(toy_task if key == "toy" else other))
+        pm = from_library(entry, load_backbone(str(tiny_bert_dir)), spec)
+        base = {n.replace(".base_layer", ""): p for n, p in pm.network.named_parameters() if not is_lora_param(n)}
+        assert all(torch.equal(base[n], p) for n, p in before.items())
+        dev = encode_split(spec, load_splits(spec, splits=["dev"])["dev"], pm.backbone.tokenizer)
+        assert evaluate(pm, spec, dev, 64, torch.device("cpu"))["score"] == pytest.approx(
+            res["per_task"][key]["dev"]["score"])
+
+
+def test_multitask_lora_with_mpt_is_refused():
+    from composer.config import MultiTaskConfig
+
+    with pytest.raises(TrainingError, match="--shared mpt with --adapter lora"):
+        MultiTaskConfig(tasks=["a", "b"], mode="joint", adapter="lora", shared="mpt")
