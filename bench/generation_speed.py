@@ -106,23 +106,39 @@ def train_step_bench(args, bb) -> dict:
         peft_opt.step()
         peft_opt.zero_grad(set_to_none=True)
 
-    times = {"a": [], "b": []}
-    for r in range(args.warmup + args.repeats):
-        for k, fn in (("a", step_a), ("b", step_b)) if r % 2 == 0 else (("b", step_b), ("a", step_a)):
-            gc.collect()
-            sync(dev)
-            t = time.perf_counter()
-            fn()
-            sync(dev)
-            if r >= args.warmup:
-                times[k].append(time.perf_counter() - t)
-        print(f"  train repeat {r + 1}/{args.warmup + args.repeats}", file=sys.stderr, flush=True)
-    stats = {k: dict(zip(("q1_ms", "median_ms", "q3_ms"), (x * 1e3 for x in quantiles(v)))) for k, v in times.items()}
+    times, _ = time_pair(step_a, step_b, args.warmup, args.repeats, dev, "train repeat")
+    stats = pair_stats(times)
     out = {"B": args.batch_size, "T_input": int(mask.sum(1).max()), "T_target": int((targets >= 0).sum(1).max()), "P": args.prompt_length,
            "check": check, "arms": stats, "ratio_a_over_b": stats["a"]["median_ms"] / stats["b"]["median_ms"],
            "median_paired_ratio": statistics.median(x / y for x, y in zip(times["a"], times["b"]))}
     del peft_model, own
     return out, prep
+
+
+def time_pair(step_a, step_b, warmup: int, repeats: int, dev: torch.device, label: str = "repeat"):
+    """Time two training steps in turn (a, b, then b, a, ...: drift and cache warmth fall on both alike), after
+    ``warmup`` untimed rounds -> ({"a": [s], "b": [s]}, {"a": peak bytes, "b": ...}; peaks on CUDA only)."""
+    times, peaks = {"a": [], "b": []}, {"a": 0, "b": 0}
+    for r in range(warmup + repeats):
+        for k, fn in (("a", step_a), ("b", step_b)) if r % 2 == 0 else (("b", step_b), ("a", step_a)):
+            gc.collect()
+            sync(dev)
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            t = time.perf_counter()
+            fn()
+            sync(dev)
+            if r >= warmup:
+                times[k].append(time.perf_counter() - t)
+                if dev.type == "cuda":
+                    peaks[k] = max(peaks[k], torch.cuda.max_memory_allocated(dev))
+        print(f"  {label} {r + 1}/{warmup + repeats}", file=sys.stderr, flush=True)
+    return times, peaks
+
+
+def pair_stats(times: dict) -> dict:
+    """Quartiles of each arm's step times, in ms."""
+    return {k: dict(zip(("q1_ms", "median_ms", "q3_ms"), (x * 1e3 for x in quantiles(v)))) for k, v in times.items()}
 
 
 def same_target_nll(acc, model, peer, ids, mask, targets, precision: str, peer_loss) -> tuple[float, float]:

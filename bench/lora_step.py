@@ -21,12 +21,10 @@ process holds both arms); on CUDA each arm's peak allocated memory in a step is 
 from __future__ import annotations
 
 import copy
-import gc
 import os
 import shlex
 import statistics
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -36,9 +34,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
-from generation_speed import (fixed_batch, our_step, same_target_nll, step_bench_args, sync,  # noqa: E402
-                              write_outputs)
-from step_overhead import cpu_label, environment, quantiles  # noqa: E402
+from generation_speed import (fixed_batch, our_step, pair_stats, same_target_nll, step_bench_args,  # noqa: E402
+                              time_pair, write_outputs)
+from step_overhead import cpu_label, environment  # noqa: E402
 from transfer import git_commit  # noqa: E402
 
 
@@ -114,22 +112,8 @@ def run(args) -> dict:
         peer_opt.step()
         peer_opt.zero_grad(set_to_none=True)
 
-    times, peaks = {"a": [], "b": []}, {"a": 0, "b": 0}
-    for r in range(args.warmup + args.repeats):
-        for k, fn in (("a", step_a), ("b", step_b)) if r % 2 == 0 else (("b", step_b), ("a", step_a)):
-            gc.collect()
-            sync(dev)
-            if dev.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(dev)
-            t = time.perf_counter()
-            fn()
-            sync(dev)
-            if r >= args.warmup:
-                times[k].append(time.perf_counter() - t)
-                if dev.type == "cuda":
-                    peaks[k] = max(peaks[k], torch.cuda.max_memory_allocated(dev))
-        print(f"  repeat {r + 1}/{args.warmup + args.repeats}", file=sys.stderr, flush=True)
-    stats = {k: dict(zip(("q1_ms", "median_ms", "q3_ms"), (x * 1e3 for x in quantiles(v)))) for k, v in times.items()}
+    times, peaks = time_pair(step_a, step_b, args.warmup, args.repeats, dev)
+    stats = pair_stats(times)
     out = {"model": args.model, "task": args.task, "B": args.batch_size, "P": args.prompt_length, "lora": lora,
            "trainable": n_ours, "check": {"ours_token_mean": ours, "peer_loss": theirs}, "arms": stats,
            "ratio_a_over_b": stats["a"]["median_ms"] / stats["b"]["median_ms"],
