@@ -19,10 +19,14 @@ lr 0.3, P = 20) on negated-polarity and topic-polarity from several inits: rando
 over the target's subtasks (compose --strategy attention --top-k 0, the module as the demo saves it); and
 MPT's target adaptation from an MPT entry distilled from the three subtask prompts (stage 1: --shared mpt
 over the graph's subtasks), u, v at ones (P*), at their mean (@mean), and at polarity's (@polarity, a subtask
-of both targets). The subtask prompts are trained as the demo trains them (80 steps) into a private library.
+of both targets), and PEFT's MultitaskPromptTuning as the peer from the same MPT entry (exported with
+`library export-peft`; PEFT's own AVERAGE_SOURCE_TASKS and EXACT_SOURCE_TASK inits, its module, trained in the
+same loop: PeftMPTSource). The subtask prompts are trained as the demo trains them (80 steps) into a private
+library.
 
     python bench/mpt.py --part speed --repeats 20 --threads 2
     python bench/mpt.py --part quality --mpt-steps 100 --threads 2
+    python bench/mpt.py --part quality --arms "random,mpt @mean,PEFT MPT @mean,mpt @polarity,PEFT MPT @polarity"
 """
 from __future__ import annotations
 
@@ -52,6 +56,45 @@ def commit() -> str:
                                        cwd=Path(__file__).parent).strip()
     except (OSError, subprocess.CalledProcessError):
         return "?"
+
+
+class PeftMPTSource(torch.nn.Module):
+    """PEFT's MultitaskPromptEmbedding (the module a MultitaskPromptTuning PeftModel puts in front) as a composer
+    prompt source: forward(embeds [B, T, H], mask) -> [B, P, H], every row task 0 of a one-task target config.
+
+    Its init is PEFT's own target adaptation from a MultitaskPromptTuning adapter (``library export-peft`` of
+    an MPT entry): AVERAGE_SOURCE_TASKS (the sources' mean factors) or EXACT_SOURCE_TASK (one source's). Built
+    by hand because PEFT 0.21.2's FEATURE_EXTRACTION PeftModel does not pass task_ids to it ("task_ids cannot
+    be None" even when given), so a PeftModel cannot run MPT on an encoder such as minilm; the module, its
+    parameters and its forward are PEFT's."""
+
+    kind = "prompt"
+
+    def __init__(self, adapter: Path, init: str, word_embeddings, source_task: int = 0):
+        from peft import MultitaskPromptTuningConfig
+        from peft.tuners.multitask_prompt_tuning.model import MultitaskPromptEmbedding
+
+        conf = json.loads((Path(adapter) / "adapter_config.json").read_text())
+        config = MultitaskPromptTuningConfig(
+            task_type="FEATURE_EXTRACTION", num_virtual_tokens=conf["num_virtual_tokens"],
+            token_dim=conf["token_dim"], num_transformer_submodules=1, num_tasks=1, num_ranks=conf["num_ranks"],
+            prompt_tuning_init=init, prompt_tuning_init_task=source_task,
+            prompt_tuning_init_state_dict_path=str(Path(adapter) / "adapter_model.safetensors"))
+        super().__init__()
+        self.encoder = MultitaskPromptEmbedding(config, word_embeddings)
+        self.P = conf["num_virtual_tokens"]
+
+    @property
+    def length(self) -> int:
+        return self.P
+
+    def forward(self, embeds, mask=None):
+        B = embeds.shape[0]
+        indices = torch.arange(self.P, device=embeds.device).expand(B, self.P)
+        return self.encoder(indices, torch.zeros(B, dtype=torch.long, device=embeds.device))
+
+    def static(self):
+        return self.forward(torch.zeros(1, 1, 1, device=self.encoder.embedding.weight.device))[0].detach()
 
 
 def _cfg(out: Path, **kw):
@@ -146,20 +189,33 @@ def quality(args) -> dict:
               "teachers_dev": sources}
     rows = [json.loads(x) for x in open(out / "mpt-stage1" / "metrics.jsonl") if '"distill"' in x]
     stage1["distill_first_last"] = [rows[0]["distill"], rows[-1]["distill"]] if rows else None
+    from composer.peft_io import export_peft
+
+    adapter = export_peft(lib, "mpt-shared", out / "peft-mpt-shared", overwrite=True)  # PEFT's own format
+    tasks = json.loads((adapter / "prompt-composer.json").read_text())["task_ids"]
+    peft_arms = {"PEFT MPT @mean": ("AVERAGE_SOURCE_TASKS", 0),
+                 "PEFT MPT @polarity": ("EXACT_SOURCE_TASK", tasks["polarity"])}
     results = {}
     for target in ("negated-polarity", "topic-polarity"):
         name = f"att-{target}"
-        compose(ComposeConfig(graph="demo", target=target, strategy="attention", top_k=0, shots=d.shots,
-                              seed=d.seed, backbone="minilm", save=name), library=lib, backbone=bb)
         inits = {"random": "random", "attention": f"library:{name}", "mpt (ones: P*)": "library:mpt-shared",
-                 "mpt @mean": "library:mpt-shared@mean", "mpt @polarity": "library:mpt-shared@polarity"}
+                 "mpt @mean": "library:mpt-shared@mean", "PEFT MPT @mean": None,
+                 "mpt @polarity": "library:mpt-shared@polarity", "PEFT MPT @polarity": None}
+        wanted = [a for a in inits if not args.arms or a in args.arms]
+        if "attention" in wanted:
+            compose(ComposeConfig(graph="demo", target=target, strategy="attention", top_k=0, shots=d.shots,
+                                  seed=d.seed, backbone="minilm", save=name), library=lib, backbone=bb)
         arms = {}
-        for arm, init in inits.items():
-            tc = TrainConfig(task=target, backbone="minilm", prompt_length=d.prompt_length, init=init,
+        for arm in wanted:
+            init = inits[arm]
+            tc = TrainConfig(task=target, backbone="minilm", prompt_length=d.prompt_length, init=init or "random",
                              steps=d.target_steps, batch_size=d.batch_size, lr=d.lr, eval_every=d.eval_every,
                              max_eval=d.max_eval, seed=d.seed, k_shot=d.k_shot,
                              run_dir=str(out / target / "".join(c if c.isalnum() else "-" for c in arm)))
-            r = train(tc, prepared=prepare(tc, backbone=bb, library=lib), library=lib, progress=False)
+            source = PeftMPTSource(adapter, *peft_arms[arm][:1], bb.network.get_input_embeddings(),
+                                   source_task=peft_arms[arm][1]) if init is None else None
+            r = train(tc, prepared=prepare(tc, backbone=bb, library=lib, prompt_source=source), library=lib,
+                      progress=False)
             arms[arm] = {"initial": r["initial"]["score"], "best_dev": r["best"],
                          "test": (r.get("test") or {}).get("score"), "best_step": r["best_step"]}
         results[target] = arms
@@ -175,6 +231,8 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--mpt-steps", type=int, default=100)
+    ap.add_argument("--arms", type=lambda x: [a.strip() for a in x.split(",") if a.strip()], default=None,
+                    help="quality: only these arms (comma-separated names as in the table; default: all)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out-dir", default="runs/bench-mpt")
     ap.add_argument("--out", help="write the result JSON here")
