@@ -573,6 +573,11 @@ def test_resume_from_broken_run_files_is_one_line(toy_task, tiny_bert_dir, in_tm
     ckpt.write_bytes(ckpt.read_bytes()[:20])
     err = one_line(run("train", "--resume", folder, "--quiet", ok=False))
     assert "trainable.safetensors is truncated or corrupted" in err and str(folder / "checkpoint") in err
+    run("train", toy_task, "--model", tiny_bert_dir, "--save", "r2", *TINY)
+    other = in_tmp / "runs" / "r2"
+    (other / "checkpoint" / "state.json").write_text("{not json")
+    err = one_line(run("train", "--resume", other, "--quiet", ok=False))
+    assert "state.json is truncated or corrupted (JSONDecodeError" in err and f"remove {other / 'checkpoint'}" in err
     (folder / "config.json").write_text("{not json")
     assert "cannot be read as JSON" in one_line(run("train", "--resume", folder, ok=False))
 
