@@ -212,8 +212,10 @@ def quality(args) -> dict:
                              steps=d.target_steps, batch_size=d.batch_size, lr=d.lr, eval_every=d.eval_every,
                              max_eval=d.max_eval, seed=d.seed, k_shot=d.k_shot,
                              run_dir=str(out / target / "".join(c if c.isalnum() else "-" for c in arm)))
-            source = PeftMPTSource(adapter, *peft_arms[arm][:1], bb.network.get_input_embeddings(),
-                                   source_task=peft_arms[arm][1]) if init is None else None
+            source = None
+            if arm in peft_arms:
+                peft_init, source_task = peft_arms[arm]
+                source = PeftMPTSource(adapter, peft_init, bb.network.get_input_embeddings(), source_task=source_task)
             r = train(tc, prepared=prepare(tc, backbone=bb, library=lib, prompt_source=source), library=lib,
                       progress=False)
             arms[arm] = {"initial": r["initial"]["score"], "best_dev": r["best"],

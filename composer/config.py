@@ -180,6 +180,10 @@ class TuningConfig(_Config):
 
     _renamed = {"model": "backbone"}
 
+    def lora_settings(self) -> dict:
+        """--adapter lora's settings as composer.lora.add_lora takes them (its targets still unresolved)."""
+        return {"r": self.lora_r, "alpha": self.lora_alpha, "dropout": self.lora_dropout, "targets": self.lora_targets}
+
     def __post_init__(self):
         if self.adapter not in ADAPTERS:
             raise TrainingError(f"unknown --adapter {self.adapter!r}: use one of {', '.join(ADAPTERS)}")

@@ -189,8 +189,7 @@ def prepare_multitask(cfg: MultiTaskConfig, backbone: Backbone | None = None,
                                {k: v.head for k, v in views.items()},
                                {k: p.spec.num_labels for k, p in preps.items()}, shared=shared)
     if cfg.adapter == "lora":  # one LoRA on the shared backbone, before the optimizer and any checkpoint load
-        settings = add_lora(model.network, {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
-                                            "targets": cfg.lora_targets})
+        settings = add_lora(model.network, cfg.lora_settings())
         for key in preps:  # each task's view saves it beside its prompt (every entry stands alone)
             model.view(key).lora = settings
     for key, p in preps.items():

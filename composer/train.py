@@ -78,8 +78,7 @@ def prepare(cfg: TrainConfig, backbone: Backbone | None = None, library: Library
     pm = build_model(backbone, spec, prompt, head=cfg.head, label_temperature=cfg.label_temperature, seed=cfg.seed,
                      prefix_projection=cfg.prefix_projection, position=cfg.prompt_position)
     if cfg.adapter == "lora":  # before the optimizer and any checkpoint load: they see the LoRA weights
-        pm.lora = add_lora(pm.network, {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
-                                        "targets": cfg.lora_targets})
+        pm.lora = add_lora(pm.network, cfg.lora_settings())
     return Prepared(backbone, spec, train, dev, test, pm, prov)
 
 
