@@ -819,6 +819,8 @@ def similarity(ctx, names, all_, metric, model, device, plot, as_json):
 @option_from(ComposeConfig, "shots")
 @option_from(ComposeConfig, "method")
 @option_from(ComposeConfig, "l1")
+@option_from(ComposeConfig, "min_weight")
+@option_from(ComposeConfig, "max_weight")
 @option_from(ComposeConfig, "mix_temperature")
 @option_from(ComposeConfig, "steps")
 @option_from(ComposeConfig, "distill")
@@ -842,6 +844,7 @@ def compose(ctx, plot, as_json, **settings):
     Examples:
       prompt-composer compose graphs/demo.yaml --target negated-polarity --strategy attention --save np-attn
       prompt-composer compose graphs/demo.yaml --target negated-polarity --strategy linear --shots 16 --save np-lin --json
+      prompt-composer compose graphs/demo.yaml --target negated-polarity --strategy linear --min-weight 0 --save np-lin0
       prompt-composer compose graphs/demo.yaml --target negated-polarity --strategy average --top-k 3 --metric cos-avg
       prompt-composer compose graphs/demo.yaml --target negated-polarity --strategy concat
       prompt-composer compose graphs/demo.yaml --target negated-polarity --strategy ties --density 0.2 --save np-ties

@@ -225,6 +225,7 @@ def compose(cfg: ComposeConfig, library: Library | None = None, backbone: Backbo
                     bar.set_postfix(objective=f"{best:.4g}", refresh=False)
 
                 res = mixing.optimize_linear(stack, loss_fn, method=cfg.method, l1=cfg.l1, seed=cfg.seed,
+                                             bounds=(cfg.min_weight, cfg.max_weight),
                                              on_eval=tick)
             prompt = to_model(mixing.combine(torch.as_tensor(res.weights, dtype=torch.float32), stack).detach())
             weights = [float(x) for x in res.weights]

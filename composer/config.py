@@ -374,6 +374,9 @@ class ComposeConfig(_Config):
     method: str = opt("lbfgs", "linear: lbfgs (gradient-based) | powell | nelder-mead (gradient-free).",
                       choices=LINEAR_METHODS)
     l1: float = opt(0.05, "linear: L1 penalty on the weights.")
+    min_weight: float = opt(-1.5, "linear: the lowest weight a candidate may get (LoraHub's box is [-1.5, 1.5]; "
+                                  "0 keeps the weights non-negative).")
+    max_weight: float = opt(1.5, "linear: the highest weight a candidate may get.")
     mix_temperature: float | None = opt(None, "average: softmax temperature over the similarities (default: "
                                               "weights normalised by their sum); attention: default H * e.",
                                         flag="--temperature")
@@ -414,6 +417,10 @@ class ComposeConfig(_Config):
             raise ComposeError(f"--steps must be >= 0, got {self.steps}")
         if self.method not in LINEAR_METHODS:
             raise ComposeError(f"unknown --method {self.method!r}: use {', '.join(LINEAR_METHODS)}")
+        if not (math.isfinite(self.min_weight) and math.isfinite(self.max_weight)
+                and self.min_weight < self.max_weight):
+            raise ComposeError(f"--min-weight must be below --max-weight, both finite; got {self.min_weight} and "
+                               f"{self.max_weight}")
         self._check_merge()
         check_device_name(self.device)
 

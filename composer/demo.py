@@ -46,6 +46,13 @@ def steps_to_reach(curve: tuple[list[int], list[float]], level: float) -> int | 
     return None
 
 
+def arm_config(cfg: DemoConfig, task: str, init: str, run_dir) -> TrainConfig:
+    """How the demo tunes one arm on a target: the same budget, data and settings for every init."""
+    return TrainConfig(task=task, backbone=cfg.backbone, prompt_length=cfg.prompt_length, init=init, kind=cfg.kind,
+                       steps=cfg.target_steps, batch_size=cfg.batch_size, lr=cfg.lr, eval_every=cfg.eval_every,
+                       max_eval=cfg.max_eval, seed=cfg.seed, k_shot=cfg.k_shot, run_dir=str(run_dir))
+
+
 def run_demo(cfg: DemoConfig, library: Library | None = None, progress: bool = True, echo=print) -> dict:
     from composer.plots import draw_graph, learning_curves, weights_per_class  # lazy: matplotlib is heavy
 
@@ -104,10 +111,7 @@ def run_demo(cfg: DemoConfig, library: Library | None = None, progress: bool = T
         curves = {}
         for arm, init in inits.items():
             echo(f"[4/4] tune {target} from {arm} ({cfg.target_steps} steps, {cfg.k_shot} per class)")
-            tc = TrainConfig(task=spec_task, backbone=cfg.backbone, prompt_length=cfg.prompt_length, init=init,
-                             kind=cfg.kind,
-                             steps=cfg.target_steps, batch_size=cfg.batch_size, lr=cfg.lr, eval_every=cfg.eval_every,
-                             max_eval=cfg.max_eval, seed=cfg.seed, k_shot=cfg.k_shot, run_dir=str(out / target / arm))
+            tc = arm_config(cfg, spec_task, init, out / target / arm)
             r = train(tc, prepared=prepare(tc, backbone=bb, library=lib), library=lib, progress=progress)
             curves[arm] = read_curve(out / target / arm)
             arms.setdefault(arm, {}).update(initial=r["initial"]["score"], dev=r["best"],

@@ -82,6 +82,22 @@ def test_model_based_strategies_save_with_provenance(setup, strategy, tmp_path):
     assert len(on_edges) == 3
 
 
+def test_linear_weights_stay_in_the_box_given(setup):
+    lib, g, _ = setup
+    r = compose(cc(g, strategy="linear", min_weight=0.5, max_weight=0.9))
+    assert len(r["weights"]) == 3 and all(0.5 <= w <= 0.9 for w in r["weights"])
+    r = compose(cc(g, strategy="linear", min_weight=0.0, save="toy-lin-nonneg"))
+    assert all(w >= 0 for w in r["weights"])
+    assert lib.load("toy-lin-nonneg").meta["config"]["min_weight"] == 0.0
+
+
+@pytest.mark.parametrize("lo, hi", [(1.0, 1.0), (2.0, 1.0), (float("nan"), 1.0), (0.0, float("inf"))])
+def test_linear_box_must_be_a_finite_range(setup, lo, hi):
+    _, g, _ = setup
+    with pytest.raises(ComposeError, match="--min-weight must be below --max-weight"):
+        cc(g, strategy="linear", min_weight=lo, max_weight=hi)
+
+
 def test_attention_composer_continues_in_training_and_eval(setup, toy_task, tmp_path):
     lib, g, bert = setup
     compose(cc(g, strategy="attention", save="toy-att"))
