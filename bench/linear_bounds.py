@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,10 +34,12 @@ import torch  # noqa: E402
 from composer.atomic import atomic_write_text  # noqa: E402
 from composer.backbones import load_backbone  # noqa: E402
 from composer.compose import compose  # noqa: E402
-from composer.config import ComposeConfig, DemoConfig  # noqa: E402
-from composer.demo import arm_config, machine, run_demo  # noqa: E402
+from composer.config import DemoConfig  # noqa: E402
+from composer.demo import arm_config, compose_config, machine, run_demo  # noqa: E402
 from composer.library import Library  # noqa: E402
 from composer.train import prepare, train  # noqa: E402
+from transfer import git_commit  # noqa: E402
+from transfer_report import fmt, mean_sd  # noqa: E402
 
 
 def run_seed(args, seed: int, lib: Library, bb) -> dict:
@@ -48,9 +49,8 @@ def run_seed(args, seed: int, lib: Library, bb) -> dict:
     arms = report["targets"][args.target]
     arm = f"linear-min{args.min_weight:g}"
     name = f"bounds-{args.target}-{arm}-{args.kind}-s{seed}"
-    cr = compose(ComposeConfig(graph=str(Path(cfg.out) / "graph.json"), target=args.target, strategy="linear",
-                               top_k=2, metric="transfer", shots=cfg.shots, seed=seed, backbone=cfg.backbone,
-                               min_weight=args.min_weight, save=name), library=lib, backbone=bb)
+    cr = compose(compose_config(cfg, Path(cfg.out) / "graph.json", args.target, "linear", name,
+                                min_weight=args.min_weight), library=lib, backbone=bb)
     tc = arm_config(cfg, args.target, f"library:{name}", Path(cfg.out) / args.target / arm)
     r = train(tc, prepared=prepare(tc, backbone=bb, library=lib), library=lib, progress=False)
     arms[arm] = {"compose": {"candidates": cr["candidates"], "weights": cr["weights"]},
@@ -78,8 +78,7 @@ def markdown(res: dict) -> str:
             ws = "; " + ", ".join(f"{x:+.2f}" for x in w) if w else ""
             cells.append(f"{v['test']:.3f} ({v['initial']:.3f} -> {v['dev']:.3f}{ws})")
             tests.append(v["test"])
-        sd = statistics.stdev(tests) if len(tests) > 1 else 0.0
-        lines.append(f"| {a} | " + " | ".join(cells) + f" | {statistics.mean(tests):.3f} ± {sd:.3f} |")
+        lines.append(f"| {a} | " + " | ".join(cells) + f" | {fmt(*mean_sd(tests))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -111,12 +110,8 @@ def main(argv=None) -> int:
             continue
         res["seeds"][str(seed)] = run_seed(args, seed, lib, bb)
         atomic_write_text(path, json.dumps(res, indent=2))
-    import subprocess
-
     res.update(command="python " + " ".join([os.path.relpath(__file__, ROOT)] + (argv or sys.argv[1:])),
-               commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                     cwd=ROOT).stdout.strip(),
-               machine=machine(), seconds=time.time() - t0)
+               commit=git_commit(), machine=machine(), seconds=time.time() - t0)
     atomic_write_text(path, json.dumps(res, indent=2))
     md = markdown(res)
     atomic_write_text(out / "results.md", md)

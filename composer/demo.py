@@ -46,6 +46,12 @@ def steps_to_reach(curve: tuple[list[int], list[float]], level: float) -> int | 
     return None
 
 
+def compose_config(cfg: DemoConfig, graph, target: str, strategy: str, save: str, **overrides) -> ComposeConfig:
+    """How the demo composes a target: its top-2 sources by zero-shot transfer, its shots and seed."""
+    return ComposeConfig(graph=str(graph), target=target, strategy=strategy, top_k=2, metric="transfer",
+                         shots=cfg.shots, seed=cfg.seed, backbone=cfg.backbone, save=save, **overrides)
+
+
 def arm_config(cfg: DemoConfig, task: str, init: str, run_dir) -> TrainConfig:
     """How the demo tunes one arm on a target: the same budget, data and settings for every init."""
     return TrainConfig(task=task, backbone=cfg.backbone, prompt_length=cfg.prompt_length, init=init, kind=cfg.kind,
@@ -100,9 +106,7 @@ def run_demo(cfg: DemoConfig, library: Library | None = None, progress: bool = T
         for strat in cfg.strategies:
             name = f"demo-{target}-{strat}" + ("-prefix" if cfg.kind == "prefix" else "")
             echo(f"[3/4] compose {target} with {strat}")
-            cr = compose(ComposeConfig(graph=str(out / "graph.json"), target=target, strategy=strat, top_k=2,
-                                       metric="transfer", shots=cfg.shots, seed=cfg.seed, backbone=cfg.backbone,
-                                       save=name), library=lib, backbone=bb)
+            cr = compose(compose_config(cfg, out / "graph.json", target, strat, name), library=lib, backbone=bb)
             inits[strat] = f"library:{name}"
             arms[strat] = {"compose": {k: cr[k] for k in ("candidates", "weights") if k in cr}}
             if strat == "attention" and cr.get("per_class"):
