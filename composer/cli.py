@@ -445,6 +445,10 @@ def train(ctx, resume, multitask, plot, quiet, as_json, **settings):
         rows = [[t, f"{r['initial']['score']:.4f}" if r.get("initial") else "", f"{r['dev']['score']:.4f}",
                  r.get("saved") or ""] for t, r in result["per_task"].items()]
         click.echo(_table(rows, ["task", "dev before", "dev after", "saved"]))
+        if result.get("shared_saved"):
+            best = (f" (step {result['shared_best_step']}, mean dev {result['shared_best_mean']:.4f})"
+                    if result.get("shared_best_step") is not None else "")
+            click.echo(f"shared prompt saved as {result['shared_saved']}{best}")
         return
     from composer.train import train as run_train
 

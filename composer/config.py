@@ -42,8 +42,9 @@ ADAPTERS = ("none", "lora")
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("no", "bf16", "fp16")
 MULTITASK_COMPOSERS = ("none", "attention")
-MULTITASK_SHARED = ("none", "mpt")
-"""none: each task its own prompt; mpt: one shared prompt and a rank-1 multiplier per task (composer/mpt.py)."""
+MULTITASK_SHARED = ("none", "mpt", "mixture")
+"""none: each task its own prompt; mpt: one shared prompt and a rank-1 multiplier per task (composer/mpt.py);
+mixture: one prompt for every task, trained on their mixture (SPoT's multi-task source), each task its own head."""
 MIXING_STRATEGIES = ("best", "average", "linear", "attention", "concat")
 MERGING_STRATEGIES = ("arithmetic", "ties")
 """Task-vector merges (composer/merging.py): each candidate minus its init, summed or TIES-merged onto a base."""
@@ -300,7 +301,10 @@ class MultiTaskConfig(TuningConfig):
     attention_rank: int = opt(32, "attention: size of the shared down-projection.")
     shared: str = opt("none", "none: one soft prompt per task; mpt: one shared prompt, each task's a rank-1 "
                               "multiple of it, distilled from the tasks' library prompts (MPT; the graph's "
-                              "source and subtask nodes; saved as PREFIX+shared).", choices=MULTITASK_SHARED)
+                              "source and subtask nodes; saved as PREFIX+shared); mixture: one prompt for "
+                              "every task, trained on their mixture (SPoT's multi-task source; each task keeps "
+                              "its own head; PREFIX+shared is the step with the best mean dev score).",
+                      choices=MULTITASK_SHARED)
     distill_kl: float = opt(1.0, "mpt: weight of the KL from each teacher's label (or token) distribution.")
     distill_hidden: float = opt(1.0, "mpt: weight of the MSE to each teacher's last hidden states.")
     steps: int = opt(1000, "Optimizer steps.")
@@ -356,6 +360,13 @@ class MultiTaskConfig(TuningConfig):
             if self.prefix_projection:
                 raise TrainingError("--prefix-projection does not apply with --shared mpt (the shared prefix "
                                     "trains directly); drop it")
+        if self.shared == "mixture":
+            if self.composer != "none":
+                raise TrainingError(f"--shared mixture with --composer {self.composer}: each is its own way to "
+                                    "share across tasks; drop one")
+            if self.init == "library":
+                raise TrainingError("--init library starts each task from its own prompt, and --shared mixture "
+                                    "trains one prompt for all: give --init random, vocab, text or library:NAME")
         super().__post_init__()  # the checks every run makes (steps, lr, mode, unfreeze, ...)
 
 

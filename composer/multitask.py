@@ -61,6 +61,9 @@ from composer.train import Prepared, save_to_library
 
 log = logging.getLogger(__name__)
 
+SHARED = "shared"
+"""--shared mpt / mixture: the library entry PREFIX+shared, and (mixture) its best snapshot's folder best/shared/."""
+
 __all__ = ["MultiTaskConfig", "MultiPrepared", "resolve_tasks", "prepare_multitask", "train_multitask"]
 
 
@@ -170,6 +173,9 @@ def prepare_multitask(cfg: MultiTaskConfig, backbone: Backbone | None = None,
             prompt, prov = mixtures[key], {"init": "attention", "sources": sources}
         elif mpt is not None:
             prompt, prov = mpt.source(key), mpt.provenance(key)
+        elif cfg.shared == "mixture" and views:  # every task trains the first task's prompt source itself
+            prompt, prov = views[found[0][0]].prompt_source, dict(preps[found[0][0]].provenance)
+            check_positions(backbone, spec, prompt.length)
         else:
             init = cfg.init
             if init == "library":
@@ -181,6 +187,8 @@ def prepare_multitask(cfg: MultiTaskConfig, backbone: Backbone | None = None,
         views[key] = build_model(backbone, spec, prompt, head=cfg.head, label_temperature=cfg.label_temperature,
                                  seed=cfg.seed + i, prefix_projection=cfg.prefix_projection)
         prov.update(multitask=[k for k, _, _ in found], temperature=cfg.sampling_temperature, composer=cfg.composer)
+        if cfg.shared == "mixture":
+            prov["shared"] = "mixture"
         preps[key] = Prepared(backbone, spec, train, dev, test, None, prov)
     if mpt is not None:
         model = build_mpt_model(backbone, mpt, views, {k: p.spec for k, p in preps.items()}, cfg)
@@ -211,6 +219,21 @@ def _batch(mp: MultiPrepared, keys: list[str], pairs: list[tuple[int, int]],
     return out
 
 
+def _save_mixture_entry(library: Library, name: str, core: MultiTaskModel, mp: MultiPrepared, cfg: MultiTaskConfig,
+                        metrics: dict) -> None:
+    """--shared mixture: the one prompt (no head: each task kept its own) as a library entry with provenance."""
+    keys = list(core.tasks)
+    view = core.view(keys[0])
+    src = view.prompt_source
+    meta = {"task": None, "backbone": mp.backbone.name, "family": mp.backbone.family,
+            "hidden_size": mp.backbone.hidden_size, "kind": view.kind, "position": view.position, "head": None,
+            "metrics": metrics, "config": cfg.to_dict(),
+            "provenance": {**mp.tasks[keys[0]].provenance, "shared": "mixture", "tasks": keys}}
+    if view.kind == "prefix":
+        meta["prefix_heads"] = view.geometry.kv_heads
+    library.save(name, src.static(), meta)
+
+
 # -- the run --------------------------------------------------------------------------------------
 def train_multitask(cfg: MultiTaskConfig, library: Library | None = None, progress: bool = True,
                     prepared: MultiPrepared | None = None, resume: str | Path | None = None,
@@ -229,11 +252,11 @@ def train_multitask(cfg: MultiTaskConfig, library: Library | None = None, progre
     if cfg.save_prefix:  # every name the run will save, before any work
         for k in keys:
             check_name(f"{cfg.save_prefix}{k}", f"--save-prefix name for task {k!r},")
-        if cfg.shared == "mpt":
+        if cfg.shared != "none":
             if "shared" in keys:
-                raise TrainingError(f"--shared mpt saves the shared prompt as {cfg.save_prefix}shared, and a task "
+                raise TrainingError(f"--shared {cfg.shared} saves the shared prompt as {cfg.save_prefix}shared, and a task "
                                     "is named 'shared' too; rename that graph node")
-            check_name(f"{cfg.save_prefix}shared", "--save-prefix name of the shared prompt,")
+            check_name(f"{cfg.save_prefix}{SHARED}", "--save-prefix name of the shared prompt,")
         if acc.is_main_process:
             library.check_writable()
     run_dir = Path(resume) if resume else Path(cfg.run_dir) if cfg.run_dir else Path("runs") / (
@@ -256,7 +279,9 @@ def _train_multitask(cfg: MultiTaskConfig, run: RunFolder, library: Library, pro
     opt = Optimizer(cfg, mp.model)
     state = {"step": 0, "best": {}, "best_step": {}, "bad_evals": 0, "tasks": keys, "model": cfg.backbone,
              "mode": cfg.mode, "composer": cfg.composer}
-    state = run.open(cfg, bool(resume), [run.best / k for k in keys], mp.model, opt, state)
+    mixture = cfg.shared == "mixture"  # one prompt for all: its own best, by the mean dev score over the tasks
+    state = run.open(cfg, bool(resume), [run.best / k for k in keys] + ([run.best / SHARED] if mixture else []),
+                     mp.model, opt, state)
     if state.get("tasks") != keys:
         raise TrainingError(f"--resume {run_dir}: that run trained tasks {state.get('tasks')}, this one "
                             f"{keys}; resume with the same graph or task list")
@@ -273,11 +298,16 @@ def _train_multitask(cfg: MultiTaskConfig, run: RunFolder, library: Library, pro
         run.log({"step": step, "eval": r, "mean": sum(x["score"] for x in r.values()) / len(r)})
         return r
 
-    def save_best(tasks: list[str]) -> None:
-        """best/TASK/: the whole trainable state now, for each task that just reached its best."""
-        if tasks and acc.is_main_process:
+    def save_best(tasks: list[str], r: dict[str, dict], step: int) -> None:
+        """best/TASK/: the whole trainable state now, for each task that just reached its best (and, for
+        --shared mixture, best/shared/ when the mean dev score over the tasks did)."""
+        mean = sum(x["score"] for x in r.values()) / len(r)
+        shared_best = mixture and mean > state.get("best_mean", float("-inf"))
+        if shared_best:
+            state.update(best_mean=mean, best_mean_step=step, best_mean_scores={k: x["score"] for k, x in r.items()})
+        if (tasks or shared_best) and acc.is_main_process:
             snap = trainable_state(core)
-            for k in tasks:
+            for k in tasks + ([SHARED] if shared_best else []):
                 save_trainable(run.best / k, snap)
 
     bar = progress_bar(f"multitask {len(keys)} tasks", cfg.steps, initial=state["step"]) \
@@ -286,7 +316,7 @@ def _train_multitask(cfg: MultiTaskConfig, run: RunFolder, library: Library, pro
         # the init is a candidate like any checkpoint (as in train.py): a library prompt may already be best
         r0 = do_eval(0)
         state.update(initial=r0, best={k: r0[k]["score"] for k in keys}, best_step={k: 0 for k in keys})
-        save_best(keys)
+        save_best(keys, r0, 0)
     model.train()
     t0, step = time.time(), state["step"]
     with run.interruptible(core, opt, state, bar):
@@ -319,7 +349,7 @@ def _train_multitask(cfg: MultiTaskConfig, run: RunFolder, library: Library, pro
                 improved = [k for k in keys if k not in state["best"] or r[k]["score"] > state["best"][k]]
                 for k in improved:
                     state["best"][k], state["best_step"][k] = r[k]["score"], step
-                save_best(improved)
+                save_best(improved, r, step)
                 state["bad_evals"] = 0 if improved else state["bad_evals"] + 1
                 if out_of_patience(state, cfg.patience, step):  # no task gained
                     break
@@ -360,9 +390,21 @@ def _train_multitask(cfg: MultiTaskConfig, run: RunFolder, library: Library, pro
             r["saved"] = name
         result["per_task"][k] = r
     result["mean_dev"] = sum(r["dev"]["score"] for r in result["per_task"].values()) / len(keys)
+    if mixture:
+        result.update(shared_best_step=state.get("best_mean_step"), shared_best_mean=state.get("best_mean"))
+        if cfg.save_prefix and acc.is_main_process:
+            load_trainable(core, load_file(str(run.best / SHARED / "trainable.safetensors")))
+            name = f"{cfg.save_prefix}{SHARED}"
+            _save_mixture_entry(library, name, core, mp, cfg, {"dev_mean": state.get("best_mean"),
+                                                              "dev": state.get("best_mean_scores"),
+                                                              "initial": {k: x["score"] for k, x in
+                                                                          (state.get("initial") or {}).items()},
+                                                              "best_step": state.get("best_mean_step"),
+                                                              "steps": step})
+            result["shared_saved"] = name
     if final is not None and cfg.save_prefix and acc.is_main_process:
         load_trainable(core, final)
-        name = f"{cfg.save_prefix}shared"
+        name = f"{cfg.save_prefix}{SHARED}"
         save_mpt_entry(library, name, core, mp.backbone, cfg, mp.mpt, {"steps": step})
         result["shared_saved"] = name
     run.write_result(result)

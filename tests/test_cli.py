@@ -115,6 +115,23 @@ def test_multitask_from_cli(toy_task, tiny_bert_dir, tmp_path):
     assert "temperature" in one_line_error(bad)
 
 
+def test_multitask_shared_mixture_from_cli(toy_task, tiny_bert_dir, tmp_path):
+    """--shared mixture names the one prompt it saved, and that entry is an init like any other."""
+    from tests.conftest import write_toy_task
+
+    other = write_toy_task(tmp_path, name="toy2", seed=1)
+    out = run("train", "--multitask", "--tasks", f"{toy_task},{other}", "--model", tiny_bert_dir, "--steps", 2,
+              "--eval-every", 1, "--prompt-length", 4, "--batch-size", 8, "--shared", "mixture",
+              "--save-prefix", "mix-", "--run-dir", tmp_path / "mix", "--quiet").output
+    assert "shared prompt saved as mix-shared (step " in out
+    names = sorted(p["name"] for p in jrun("library", "list")["prompts"])
+    assert names == ["mix-shared", "mix-toy", "mix-toy2"]
+    jrun("train", toy_task, "--model", tiny_bert_dir, "--init", "library:mix-shared", "--steps", 1,
+         "--prompt-length", 4, "--run-dir", tmp_path / "one", "--save", "from-mix", "--quiet")
+    prov = Library().load("from-mix").meta["provenance"]
+    assert (prov["init"], prov["from"]) == ("library", "mix-shared"), prov
+
+
 @pytest.mark.parametrize("args,msg", [
     (["train", "sst2", "--temperature", "2"], "--temperature applies to --multitask runs only; the label-similarity"),
     (["train", "sst2", "--save-prefix", "x-"], "--save-prefix applies to --multitask runs only"),

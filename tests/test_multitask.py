@@ -117,6 +117,9 @@ def test_temperature_must_be_positive(T):
     ({"tasks": "a,b", "composer": "attention", "init": "vocab"}, "--init vocab does not apply"),
     ({"tasks": "a,b", "steps": 0}, "--steps must be positive"),
     ({"tasks": "a,b", "mode": "joint", "model_lr": 0.0}, "--model-lr is 0.0"),
+    ({"tasks": "a,b", "shared": "soup"}, "unknown --shared 'soup'"),
+    ({"tasks": "a,b", "shared": "mixture", "composer": "attention"}, "--shared mixture with --composer attention"),
+    ({"tasks": "a,b", "shared": "mixture", "init": "library"}, "trains one prompt for all"),
 ])
 def test_bad_config(kw, msg):
     with pytest.raises(TrainingError, match=msg):
@@ -307,6 +310,70 @@ def test_attention_module_is_shared_across_tasks(tasks, tiny_bert_dir, tmp_path)
     assert prov["strategy"] == "attention" and prov["multitask"] == ["toy", "toy3"]
     src = load_source(e)  # the composer, shared module included, loads back as a prompt source
     torch.testing.assert_close(src.composer.down.weight, mp.model.shared["down"].weight.detach().cpu())
+
+
+@pytest.mark.parametrize("kind", ["prompt", "prefix"])
+def test_shared_mixture_trains_one_prompt_for_every_task(tasks, tiny_bert_dir, tmp_path, kind):
+    """--shared mixture (SPoT's multi-task source): one prompt source under every task, each task its own head;
+    PREFIX+shared is the snapshot at the eval with the best mean dev score, and it loads as a single-task init."""
+    from composer.train import TrainConfig, prepare
+
+    cfg = mcfg(tasks, tiny_bert_dir, tmp_path, shared="mixture", kind=kind, save_prefix="mix-", eval_every=2)
+    mp = M.prepare_multitask(cfg)
+    assert mp.model.prompts["toy"] is mp.model.prompts["toy3"]
+    assert mp.model.view("toy").head is not mp.model.view("toy3").head
+    before = mp.model.prompts["toy"].static().clone()
+    r = train_multitask(cfg, prepared=mp, progress=False)
+    ck = checkpoint(tmp_path / "run")
+    assert not any(k.startswith("prompts.toy3.") for k in ck) and any(k.startswith("prompts.toy.") for k in ck)
+    evals = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    means = {x["step"]: x["mean"] for x in evals if "eval" in x}
+    assert list(means) == [0, 2, 4, 6]
+    best = max(means, key=lambda s: (means[s], -s))  # the first eval to reach the best mean
+    assert r["shared_saved"] == "mix-shared" and r["shared_best_step"] == best
+    assert r["shared_best_mean"] == pytest.approx(means[best])
+    e = Library().load("mix-shared")
+    snap = load_file(str(tmp_path / "run" / "best" / "shared" / "trainable.safetensors"))
+    name = "prompts.toy.weight"
+    torch.testing.assert_close(e.prompt, snap[name])
+    assert e.meta["kind"] == kind and e.meta["task"] is None and e.meta["head"] is None
+    assert e.meta["provenance"]["shared"] == "mixture" and e.meta["provenance"]["tasks"] == ["toy", "toy3"]
+    assert e.meta["metrics"]["best_step"] == best
+    best_eval = next(x for x in evals if x.get("step") == best and "eval" in x)["eval"]
+    assert e.meta["metrics"]["dev"] == {t: best_eval[t]["score"] for t in ("toy", "toy3")}  # each task's score there
+    last = ck[name]  # the run's last state: the prompt trained
+    assert not torch.equal(last, before)
+    for t in ("toy", "toy3"):  # each task's own entry: the shared prompt at that task's best eval, its own head
+        assert Library().load(f"mix-{t}").meta["task"] == t
+    tc = TrainConfig(task=tasks[1], backbone=str(tiny_bert_dir), prompt_length=4, kind=kind, init="library:mix-shared",
+                     steps=1, run_dir=str(tmp_path / "single"))
+    torch.testing.assert_close(prepare(tc).model.prompt_source.static(), e.prompt)
+
+
+def test_shared_mixture_resume_equals_uninterrupted(tasks, tiny_bert_dir, tmp_path, monkeypatch):
+    """The best mean and its snapshot survive an interrupt: the resumed run saves the same shared entry."""
+    def run(name, **kw):
+        return train_multitask(mcfg(tasks, tiny_bert_dir, tmp_path, shared="mixture", eval_every=2,
+                                    save_prefix=name, **kw), progress=False, **({"resume": tmp_path / "cut"}
+                                                                                if name == "b-" else {}))
+
+    full = run("a-", run_dir=str(tmp_path / "full"))
+    calls, real = {"n": 0}, M.shard
+
+    def interrupt_at_5(idx, rank, world):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return real(idx, rank, world)
+
+    monkeypatch.setattr(M, "shard", interrupt_at_5)
+    with pytest.raises(TrainingError, match="interrupted at step 5"):
+        run("c-", run_dir=str(tmp_path / "cut"))
+    monkeypatch.setattr(M, "shard", real)
+    resumed = run("b-", run_dir=None)
+    assert resumed["shared_best_step"] == full["shared_best_step"]
+    torch.testing.assert_close(Library().load("b-shared").prompt, Library().load("a-shared").prompt,
+                               rtol=0, atol=1e-6)
 
 
 def test_gradient_checkpointing_run_matches(tasks, tiny_bert_dir, tmp_path):
