@@ -8,6 +8,8 @@ size, same prompt learning rate, same dev evaluations, best dev checkpoint kept,
   peft       PEFT's PromptTuning on the same backbone in this process (the peer); its prompt starts
              from random's init, its loss is our head's (label similarity for minilm; bench/peft_arm.py,
              on bench/step_overhead.py's PEFT setup, which checks the two compute the same function)
+  mixture    SPoT's multi-task source: one prompt trained on every source task at once (mixed batches,
+             each task its own head; --mixture-steps, kept at the best mean dev score), tuned from there
   best       SPoT: the top-k source prompt that scores best zero-shot on the target's few shots
   average    similarity-weighted average of the top-k source prompts (weights: zero-shot transfer)
   linear     weights optimised on the few shots (L-BFGS-B, gradient-based); linear-gf: Powell
@@ -150,6 +152,11 @@ class BenchConfig:
     PrefixTuning to match. Prefixes' library names carry "-prefix" after the backbone."""
     prefix_projection: int = 0
     """--kind prefix: train each prefix through an MLP of this width (0: none)."""
+    mixture_steps: int = 1000
+    """The mixture arm's source: steps of one prompt trained on every source task at once (seed 0)."""
+    mixture_batch_size: int = 32
+    mixture_temperature: float = 1000.0
+    """Task i is drawn in proportion to n_i ** (1/T): the default samples the sources about uniformly."""
     library: str = "runs/bench-library"
     runs: str | None = None
     data_dir: str | None = None
@@ -172,7 +179,7 @@ RUN_KEY_ELSEWHERE = {
     "shots": "arg", "seeds": "arg",
     # reach a run through the init prompts' content hashes
     "sources": "hash", "source_steps": "hash", "source_max_eval": "hash", "retrain_sources": "hash",
-    "library": "hash",
+    "library": "hash", "mixture_steps": "hash", "mixture_batch_size": "hash", "mixture_temperature": "hash",
     # which runs, where they go, how they are reported: not what one run computes
     "tier": "none", "targets": "none", "arms": "none", "runs": "none", "figures": "none", "threads": "none",
     "rerun": "none", "time_budget": "none", "extra": "none",
@@ -258,6 +265,7 @@ class Bench:
         self.cpu = cpu_model()  # the same code and seed give other scores on another CPU: records name it
         self.cpu_isa = cpu_isa()  # and on the same CPU with another kernel level (ATEN_CPU_CAPABILITY)
         self.reused = 0  # finished runs taken from their run folders
+        self.mixture: dict | None = None  # the mixture arm's source (train_mixture)
         self.deadline = None if cfg.time_budget is None else time.time() + 60 * cfg.time_budget
 
     def may_start(self, what: str) -> None:
@@ -338,6 +346,46 @@ class Bench:
                          "seconds": r["seconds"], "s_per_step": r["seconds"] / max(1, r["steps"])}
             say(f"          dev {r['initial']['score']:.3f} -> {r['dev']['score']:.3f} ({r['seconds']:.0f} s)")
         return out
+
+    def train_mixture(self) -> dict:
+        """The mixture arm's source: one prompt trained on every source task at once (SPoT's multi-task source),
+        each task with its own head, kept at the step with the best mean dev score; reused from the library."""
+        from composer.config import MultiTaskConfig
+        from composer.multitask import SHARED, prepare_multitask, train_multitask
+
+        cfg = self.cfg
+        prefix = f"mixture{len(cfg.sources)}-{self.slug}-{cfg.mixture_steps}-"
+        name = prefix + SHARED
+        if self.lib.exists(name) and not cfg.retrain_sources:
+            meta = self.lib.meta(name)
+            tasks = (meta.get("provenance") or {}).get("tasks") or []
+            if sorted(tasks) != sorted(cfg.sources):
+                raise SystemExit(f"library entry {name} was trained on {','.join(tasks)}, not on --sources "
+                                 f"{','.join(cfg.sources)}: give --retrain-sources or another --library")
+            m = meta.get("metrics") or {}
+            say(f"[sources] reuse {name} from {self.lib.root}")
+            return {"prompt": name, "reused": True, "dev": m.get("dev"), "initial": m.get("initial"),
+                    "dev_mean": m.get("dev_mean"), "best_step": m.get("best_step")}
+        self.may_start("the mixture source")
+        say(f"[sources] train {name} on {','.join(cfg.sources)} ({cfg.mixture_steps} steps)")
+        run_dir = self.runs / "sources" / "mixture"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        mc = MultiTaskConfig(tasks=list(cfg.sources), backbone=cfg.model, prompt_length=cfg.prompt_length,
+                             kind=cfg.kind, prefix_projection=cfg.prefix_projection, steps=cfg.mixture_steps,
+                             batch_size=cfg.mixture_batch_size, lr=cfg.lr,
+                             sampling_temperature=cfg.mixture_temperature,
+                             eval_every=max(1, cfg.mixture_steps // 4), max_eval=cfg.source_max_eval,
+                             max_test=cfg.source_max_eval, seed=0, data_dir=cfg.data_dir, shared="mixture",
+                             save_prefix=prefix, run_dir=str(run_dir))
+        mp = prepare_multitask(mc, backbone=self.bb, library=self.lib)
+        for prep in mp.tasks.values():
+            prep.test = None  # a source needs no test score
+        r = train_multitask(mc, library=self.lib, progress=False, prepared=mp)
+        meta = self.lib.meta(name)["metrics"]
+        say(f"          mean dev {r['shared_best_mean']:.3f} at step {r['shared_best_step']} ({r['seconds']:.0f} s)")
+        return {"prompt": name, "reused": False, "dev": meta["dev"], "initial": meta["initial"],
+                "dev_mean": meta["dev_mean"], "best_step": meta["best_step"], "seconds": r["seconds"],
+                "s_per_step": r["seconds"] / max(1, r["steps"])}
 
     # -- 2. one tuning run (memoised: the best arm and the seed-0 pair run of its source are one run) --
     def tune(self, task: str, init: str, seed: int, steps: int, run_name: str, mode: str = "prompt",
@@ -488,6 +536,9 @@ class Bench:
                 add("vocab", self.tune(target, "vocab", seed, cfg.steps, f"vocab-s{seed}"))
             if "peft" in cfg.arms:
                 add("peft", self.peft(target, seed, cfg.steps, f"peft-s{seed}"))
+            if "mixture" in cfg.arms:
+                add("mixture", self.tune(target, f"library:{self.mixture['prompt']}", seed, cfg.steps,
+                                         f"mixture-s{seed}"))
             composed = {}
             for arm in [a for a in COMPOSED if a in cfg.arms]:
                 if arm == "concat" and not subtasks:
@@ -564,10 +615,13 @@ def parse(argv: list[str] | None) -> tuple[BenchConfig, argparse.Namespace]:
     ap.add_argument("--arms", type=lst, help=f"comma-separated arms from {','.join(ARMS)} (random always runs)")
     ap.add_argument("--seeds", type=lambda s: tuple(int(x) for x in s.split(",")), help="e.g. 0,1,2")
     for f in ("source-steps", "steps", "pair-steps", "eval-every", "source-max-eval", "max-eval", "max-test",
-              "top-k", "shots", "batch-size", "prompt-length", "full-prompt-length", "prefix-projection"):
+              "top-k", "shots", "batch-size", "prompt-length", "full-prompt-length", "prefix-projection",
+              "mixture-steps", "mixture-batch-size"):
         ap.add_argument(f"--{f}", type=int)
     ap.add_argument("--lr", type=float)
     ap.add_argument("--model-lr", type=float)
+    ap.add_argument("--mixture-temperature", type=float,
+                    help="mixture arm: source i drawn in proportion to n_i ** (1/T) (default 1000: about uniform)")
     ap.add_argument("--kind", choices=("prompt", "prefix"),
                     help="what the prompt arms tune: prompt (default) or prefix (deep prompts; try --lr 0.01)")
     ap.add_argument("--model", help="backbone (default minilm)")
@@ -613,6 +667,8 @@ def main(argv: list[str] | None = None) -> None:
     bench = Bench(cfg)
     try:
         sources = bench.train_sources()
+        if "mixture" in cfg.arms:
+            bench.mixture = bench.train_mixture()
         targets = {t: bench.run_target(t, sources) for t in cfg.targets}
     except OutOfTime as e:
         say(f"stopped: {e}; {time.time() - t0:.0f} s. The finished runs are kept: run the same command to go on.")
@@ -627,7 +683,7 @@ def main(argv: list[str] | None = None) -> None:
                        "torch": torch.__version__, "transformers": transformers.__version__,
                        "peft": peft.__version__, "python": platform.python_version(),
                        "load_start": load_start, "load_end": round(os.getloadavg()[0], 2)},
-           "sources": sources, "targets": targets, "pair_steps": bench.pair_steps,
+           "sources": sources, "mixture": bench.mixture, "targets": targets, "pair_steps": bench.pair_steps,
            "summary": {t: summarise_target(v) for t, v in targets.items()},
            "transferability": correlations(targets), "wall_s": round(time.time() - t0, 1),
            "reused_runs": bench.reused,

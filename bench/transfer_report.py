@@ -10,8 +10,8 @@ import statistics
 from pathlib import Path
 
 
-ARMS = ("random", "vocab", "peft", "best", "average", "linear", "linear-gf", "attention", "concat", "full",
-        "joint")
+ARMS = ("random", "vocab", "peft", "mixture", "best", "average", "linear", "linear-gf", "attention", "concat",
+        "full", "joint")
 COMPOSED = ("best", "average", "linear", "linear-gf", "attention", "concat")
 SIM_METRICS = ("cos-avg", "cos-tok", "on", "transfer")
 
@@ -193,6 +193,16 @@ def reach_text(reach: list) -> str:
     return text if len(got) == len(reach) else f"{text} ({len(reach) - len(got)}/{len(reach)} never)"
 
 
+def mixture_text(m: dict, c: dict) -> str:
+    """The mixture arm's source: one prompt trained on every source task at once, its dev score per task."""
+    dev = m.get("dev") or {}
+    return (f" The mixture arm starts from `{m['prompt']}`, one prompt trained on all {len(dev) or len(c['sources'])} "
+            f"source tasks at once ({c['mixture_steps']} steps, mixed batches of {c['mixture_batch_size']}, "
+            f"temperature {c['mixture_temperature']:g}, lr {c['lr']}, each task its own head; kept at step "
+            f"{m.get('best_step')}, the best mean dev score{', reused' if m.get('reused') else ''}): "
+            + ", ".join(f"{s} {fmt(v)}" for s, v in dev.items()) + " (dev score per task).")
+
+
 def markdown(res: dict, fig_rel) -> str:
     c = res["config"]
     summ = res["summary"]
@@ -226,7 +236,8 @@ def markdown(res: dict, fig_rel) -> str:
         + ". Sources "
         f"trained {c['source_steps']} steps each (seed 0, full training split, batch {c['batch_size']}, lr {c['lr']}): "
         + ", ".join(f"{s} {fmt(v.get('dev'))}" + (" (reused)" if v.get("reused") else "")
-                    for s, v in res["sources"].items()) + " (source dev score).",
+                    for s, v in res["sources"].items()) + " (source dev score)."
+        + (mixture_text(res["mixture"], c) if res.get("mixture") else ""),
         f"Every arm on a target: {c['steps']} steps, batch {c['batch_size']}, prompt lr {c['lr']} (linear decay, "
         f"6% warm-up), model lr {c['model_lr']} for full and joint (not tuned); dev evaluated every "
         f"{c['eval_every']} steps on at most {c['max_eval']} examples, the best dev checkpoint kept (the init "

@@ -290,3 +290,43 @@ def test_prefix_kind_runs_every_arm_on_prefixes_under_their_own_names(bench_mod,
     assert "**prefixes**" in (out / "r.md").read_text()
     # the PEFT peer computes the same function as ours at the same (random) init: equal dev scores at step 0
     assert t["runs"]["peft"][0]["initial"] == pytest.approx(t["runs"]["random"][0]["initial"], abs=1e-6)
+
+
+def test_mixture_arm_tunes_from_one_prompt_trained_on_every_source(bench_mod, toy_task, tiny_bert_dir, tmp_path,
+                                                                  capsys):
+    """--arms mixture: one prompt trained on all the sources at once (saved with the tasks it saw and each task's
+    dev score), every seed tunes the target from it; a second run reuses it; another source list refuses it."""
+    from composer.library import Library
+    from tests.conftest import write_toy_task
+
+    for name in ("toy-a", "toy-b", "toy-c"):
+        write_toy_task(tmp_path, name)
+    out = tmp_path / "out"
+
+    def argv(sources="toy-a,toy-b"):
+        return ["--smoke", "--kind", "prefix", "--model", str(tiny_bert_dir), "--sources", sources,
+                "--targets", "toy", "--arms", "random,mixture", "--source-steps", "2", "--mixture-steps", "4",
+                "--mixture-batch-size", "8", "--steps", "2", "--eval-every", "2", "--max-eval", "16",
+                "--max-test", "16", "--prompt-length", "4", "--batch-size", "8", "--lr", "0.01",
+                "--library", str(tmp_path / "lib"), "--runs", str(out / "runs"), "--figures", str(out / "fig"),
+                "--data-dir", str(tmp_path / "data"), "--out-md", str(out / "r.md")]
+
+    bench_mod.main(argv())
+    capsys.readouterr()
+    res = json.loads((out / "runs" / "results.json").read_text())
+    mix = res["mixture"]
+    assert mix["reused"] is False and set(mix["dev"]) == {"toy-a", "toy-b"} and mix["best_step"] in (0, 1, 2, 3, 4)
+    meta = Library(tmp_path / "lib").meta(mix["prompt"])
+    assert meta["provenance"]["tasks"] == ["toy-a", "toy-b"] and meta["kind"] == "prefix"
+    recs = res["targets"]["toy"]["runs"]["mixture"]
+    assert [r["init"] for r in recs] == [f"library:{mix['prompt']}"]
+    assert mix["prompt"] in (out / "r.md").read_text() and "| mixture |" in (out / "r.md").read_text()
+
+    bench_mod.main(argv())  # the mixture and its target run come back from the library and the run folder
+    capsys.readouterr()
+    res2 = json.loads((out / "runs" / "results.json").read_text())
+    assert res2["mixture"]["reused"] is True and res2["mixture"]["dev"] == mix["dev"]
+    assert res2["targets"]["toy"]["runs"]["mixture"][0]["dev"] == recs[0]["dev"]
+
+    with pytest.raises(SystemExit, match="trained on toy-a,toy-b, not on --sources toy-a,toy-c"):
+        bench_mod.main(argv("toy-a,toy-c"))
