@@ -326,8 +326,9 @@ class Bench:
             if self.lib.exists(name) and not cfg.retrain_sources:
                 meta = self.lib.meta(name)
                 say(f"[sources] reuse {name} from {self.lib.root}")
-                dev = ((meta.get("metrics") or {}).get("dev") or {}).get("score")
-                out[task] = {"prompt": name, "reused": True, "dev": dev}
+                metrics = meta.get("metrics") or {}
+                out[task] = {"prompt": name, "reused": True, "dev": (metrics.get("dev") or {}).get("score"),
+                             "initial": (metrics.get("initial") or {}).get("score")}  # entries before it: None
                 continue
             self.may_start(f"source {task}")
             say(f"[sources] train {name} ({cfg.source_steps} steps)")

@@ -220,7 +220,7 @@ def save_to_library(library: Library, name: str, pm, prep: Prepared, cfg, result
     if static is None:
         raise ComposerError("this prompt source has no static prompt to save")
     meta = {"task": prep.spec.name, "backbone": prep.backbone.name, "family": prep.backbone.family,
-            "hidden_size": prep.backbone.hidden_size, "kind": pm.kind, "position": pm.position, "head": pm.head.kind, "metrics": {k: result[k] for k in ("dev", "test") if k in result},
+            "hidden_size": prep.backbone.hidden_size, "kind": pm.kind, "position": pm.position, "head": pm.head.kind, "metrics": {k: result[k] for k in ("initial", "dev", "test") if result.get(k) is not None},
             "config": cfg.to_dict(), "provenance": prep.provenance}
     if lora:
         meta["lora"] = lora

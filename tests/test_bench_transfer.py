@@ -326,6 +326,8 @@ def test_mixture_arm_tunes_from_one_prompt_trained_on_every_source(bench_mod, to
     capsys.readouterr()
     res2 = json.loads((out / "runs" / "results.json").read_text())
     assert res2["mixture"]["reused"] is True and res2["mixture"]["dev"] == mix["dev"]
+    for s in ("toy-a", "toy-b"):  # a reused source keeps its score before training too (library metrics)
+        assert res2["sources"][s]["reused"] and res2["sources"][s]["initial"] == res["sources"][s]["initial"]
     assert res2["targets"]["toy"]["runs"]["mixture"][0]["dev"] == recs[0]["dev"]
 
     with pytest.raises(SystemExit, match="trained on toy-a,toy-b, not on --sources toy-a,toy-c"):
