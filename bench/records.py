@@ -48,6 +48,7 @@ def _library_names(library: Path, sources: list[str], targets: list[str], slug: 
     from transfer import source_prompt_name, target_prompt_prefix
 
     names = [source_prompt_name(s, slug, source_steps) for s in sources]
+    names += sorted(p.name for p in library.glob(f"mixture{len(sources)}-{slug}-*-shared") if p.is_dir())
     for t in targets:
         names += sorted(p.name for p in library.glob(f"{target_prompt_prefix(t, slug)}*") if p.is_dir())
     return [n for n in names if (library / n).is_dir()]

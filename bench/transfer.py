@@ -369,7 +369,7 @@ class Bench:
                     "dev_mean": m.get("dev_mean"), "best_step": m.get("best_step")}
         self.may_start("the mixture source")
         say(f"[sources] train {name} on {','.join(cfg.sources)} ({cfg.mixture_steps} steps)")
-        run_dir = self.runs / "sources" / "mixture"
+        run_dir = self.runs / "sources" / f"mixture{cfg.mixture_steps}"
         shutil.rmtree(run_dir, ignore_errors=True)
         mc = MultiTaskConfig(tasks=list(cfg.sources), backbone=cfg.model, prompt_length=cfg.prompt_length,
                              kind=cfg.kind, prefix_projection=cfg.prefix_projection, steps=cfg.mixture_steps,
@@ -539,7 +539,7 @@ class Bench:
                 add("peft", self.peft(target, seed, cfg.steps, f"peft-s{seed}"))
             if "mixture" in cfg.arms:
                 add("mixture", self.tune(target, f"library:{self.mixture['prompt']}", seed, cfg.steps,
-                                         f"mixture-s{seed}"))
+                                         f"mixture{cfg.mixture_steps}-s{seed}"))  # budgets side by side
             composed = {}
             for arm in [a for a in COMPOSED if a in cfg.arms]:
                 if arm == "concat" and not subtasks:

@@ -292,8 +292,8 @@ def test_prefix_kind_runs_every_arm_on_prefixes_under_their_own_names(bench_mod,
     assert t["runs"]["peft"][0]["initial"] == pytest.approx(t["runs"]["random"][0]["initial"], abs=1e-6)
 
 
-def test_mixture_arm_tunes_from_one_prompt_trained_on_every_source(bench_mod, toy_task, tiny_bert_dir, tmp_path,
-                                                                  capsys):
+def test_mixture_arm_tunes_from_one_prompt_trained_on_every_source(bench_mod, records, toy_task, tiny_bert_dir,
+                                                                  tmp_path, capsys):
     """--arms mixture: one prompt trained on all the sources at once (saved with the tasks it saw and each task's
     dev score), every seed tunes the target from it; a second run reuses it; another source list refuses it."""
     from composer.library import Library
@@ -329,6 +329,11 @@ def test_mixture_arm_tunes_from_one_prompt_trained_on_every_source(bench_mod, to
     for s in ("toy-a", "toy-b"):  # a reused source keeps its score before training too (library metrics)
         assert res2["sources"][s]["reused"] and res2["sources"][s]["initial"] == res["sources"][s]["initial"]
     assert res2["targets"]["toy"]["runs"]["mixture"][0]["dev"] == recs[0]["dev"]
+
+    # bench/records.py keeps the mixture with the sources, so a restored run reuses it
+    slug = mix["prompt"].removeprefix("mixture2-").removesuffix("-4-shared")
+    records.save(out / "runs", tmp_path / "lib", tmp_path / "rec", ["toy"], ["toy-a", "toy-b"], slug, 2)
+    assert (tmp_path / "rec" / "library" / mix["prompt"]).is_dir()
 
     with pytest.raises(SystemExit, match="trained on toy-a,toy-b, not on --sources toy-a,toy-c"):
         bench_mod.main(argv("toy-a,toy-c"))
