@@ -435,6 +435,7 @@ class Bench:
         rec = {"init": init, "seed": seed, "mode": mode, "prompt_length": P, "steps": r["steps"],
                "initial": r["initial"]["score"], "dev": r["best"], "dev_last": curve[1][-1],
                "test": (r.get("test") or {}).get("score"), "best_step": r["best_step"], "curve": curve,
+               "test_accuracy": (r.get("test") or {}).get("accuracy"),  # beside F1 or MCC: which classes it calls
                "seconds": r["seconds"], "s_per_step": r["seconds"] / max(1, r["steps"]), "load": load,
                "run_dir": str(run_dir), "metric": r["metric"]}
         if "metrics" in (r.get("test") or {}):  # a generation task: every metric, and a few generations
@@ -506,6 +507,35 @@ class Bench:
 
         labels = load_splits(load_task(task), data_dir=self.cfg.data_dir, splits=["train"], k_shot=0)["train"]["label"]
         return max(1, min(self.cfg.shots, min(Counter(labels).values())))
+
+    def constant_scores(self, task: str) -> dict | None:
+        """What predicting one class for every row scores, per class, on the arms' dev and test subsets: the
+        floor a metric such as F1 puts under an untrained classifier (MRPC: always "yes" is F1 0.81). A
+        reference printed beside the arms, never used to choose anything. None for generation and
+        correlation metrics (a constant has no correlation)."""
+        import numpy as np
+
+        from composer.loop import encode_splits
+        from composer.metrics import CORRELATION_METRICS, compute
+        from composer.taskdata import load_splits
+        from composer.tasks import load_task
+
+        cfg, spec = self.cfg, load_task(task)
+        if spec.is_generation or spec.metric in CORRELATION_METRICS:
+            return None
+        splits = load_splits(spec, data_dir=cfg.data_dir, k_shot=cfg.k_shot, seed=0)
+        _, dev, test = encode_splits(spec, splits, self.bb.tokenizer)
+        out = {}
+        for split, enc, n in (("dev", dev, cfg.max_eval), ("test", test, cfg.max_test)):
+            if enc is None:
+                continue
+            labels = enc.subset(n, 0).labels.numpy()
+            out[split] = {}
+            for c, name in enumerate(spec.labels):
+                probs = np.zeros((len(labels), len(spec.labels)))
+                probs[:, c] = 1.0
+                out[split][str(name)] = compute(spec.metric, probs, labels)
+        return out
 
     def run_target(self, target: str, sources: dict) -> dict:
         from composer import graph as G_
@@ -598,6 +628,7 @@ class Bench:
         return {"runs": runs, "composed": composed_info, "skipped": skipped, "shots": shots,
                 "subtasks": subtasks, "transfer": transfer, "similarity": sims, "pairs": pairs,
                 "pair_steps": self.pair_steps, "target_prompt": target_prompt, "graph": str(graph_path),
+                "constant": self.constant_scores(target),
                 "seconds": round(time.time() - t_start, 1)}
 
 

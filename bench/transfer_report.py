@@ -282,6 +282,10 @@ def markdown(res: dict, fig_rel) -> str:
                   + (f". joint started from: {', '.join(joint)}" if joint else "")
                   + (f". Best arm chose: {', '.join(r.get('chosen', '?') for r in tr['runs'].get('best', []))}"
                      if tr["runs"].get("best") else "") + "."]
+        if tr.get("constant"):
+            lines += ["Predicting one class for every row (no training; a reference, not an arm): " + "; ".join(
+                f"{split} " + ", ".join(f"always {c!r} {v:.3f}" for c, v in by.items())
+                for split, by in tr["constant"].items()) + "."]
         if notes:
             lines += ["Not run: " + "; ".join(notes) + "."]
         busy = crowded(tr["runs"], res["machine"]["threads"])

@@ -321,6 +321,12 @@ def test_mixture_arm_tunes_from_one_prompt_trained_on_every_source(bench_mod, re
     recs = res["targets"]["toy"]["runs"]["mixture"]
     assert [r["init"] for r in recs] == [f"library:{mix['prompt']}"]
     assert mix["prompt"] in (out / "r.md").read_text() and "| mixture |" in (out / "r.md").read_text()
+    # the one-class reference beside the arms: each class's share of the subset, for an accuracy task
+    const = res["targets"]["toy"]["constant"]
+    assert set(const) == {"dev", "test"} and all(set(v) == {"0", "1"} for v in const.values())
+    assert all(sum(v.values()) == pytest.approx(1.0) and min(v.values()) > 0 for v in const.values())
+    assert "always '1'" in (out / "r.md").read_text()
+    assert 0.0 <= recs[0]["test_accuracy"] <= 1.0
 
     bench_mod.main(argv())  # the mixture and its target run come back from the library and the run folder
     capsys.readouterr()
