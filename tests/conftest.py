@@ -123,3 +123,19 @@ def toy_task(tmp_path, monkeypatch):
     path = write_toy_task(tmp_path)
     monkeypatch.setenv("PROMPT_COMPOSER_DATA", str(tmp_path / "data"))
     return path
+
+
+def ctrl_c_at_step(monkeypatch, module, step: int):
+    """Ctrl-C while step ``step`` is being prepared: ``module.shard`` (which the training loops call once per
+    step for its batch) raises KeyboardInterrupt on its call for that step. Returns what puts the real one
+    back, for the resume that follows."""
+    real, calls = module.shard, {"n": 0}
+
+    def shard(idx, rank, world):
+        calls["n"] += 1
+        if calls["n"] == step + 1:
+            raise KeyboardInterrupt
+        return real(idx, rank, world)
+
+    monkeypatch.setattr(module, "shard", shard)
+    return lambda: monkeypatch.setattr(module, "shard", real)

@@ -20,6 +20,7 @@ from composer.peft_io import export_peft
 from composer.taskdata import load_splits
 from composer.tasks import load_task
 from composer.train import TrainConfig, train
+from tests.conftest import ctrl_c_at_step
 
 
 def cfg(task, backbone_dir, tmp_path, **kw):
@@ -100,19 +101,10 @@ def test_peft_key_drops_the_adapter_name_as_peft_saves():
 
 def test_interrupt_then_resume_equals_uninterrupted(toy_task, tiny_bert_dir, tmp_path, monkeypatch):
     train(cfg(toy_task, tiny_bert_dir, tmp_path, steps=6, run_dir=str(tmp_path / "full")), progress=False)
-    calls = {"n": 0}
-    real = T.shard
-
-    def interrupt_at_3(idx, rank, world):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real(idx, rank, world)
-
-    monkeypatch.setattr(T, "shard", interrupt_at_3)
+    restore = ctrl_c_at_step(monkeypatch, T, 3)
     with pytest.raises(TrainingError, match="interrupted at step 3"):
         train(cfg(toy_task, tiny_bert_dir, tmp_path, steps=6, run_dir=str(tmp_path / "cut")), progress=False)
-    monkeypatch.setattr(T, "shard", real)
+    restore()
     train(cfg(toy_task, tiny_bert_dir, tmp_path, steps=6, run_dir=None), resume=tmp_path / "cut", progress=False)
     a = load_file(str(tmp_path / "full" / "checkpoint" / "trainable.safetensors"))
     b = load_file(str(tmp_path / "cut" / "checkpoint" / "trainable.safetensors"))

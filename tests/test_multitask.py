@@ -16,7 +16,7 @@ from composer.errors import TrainingError
 from composer.library import Library
 from composer.multitask import MultiTaskConfig, train_multitask
 from composer.runstate import MixturePlan, mixture_weights
-from tests.conftest import BAD, GOOD, THINGS, write_toy_task
+from tests.conftest import BAD, GOOD, THINGS, ctrl_c_at_step, write_toy_task
 
 MEH = ["ok", "average", "plain", "middling"]
 
@@ -223,18 +223,10 @@ def test_max_test_caps_each_tasks_final_evaluation(tasks, tiny_bert_dir, tmp_pat
 
 def test_interrupt_then_resume_equals_uninterrupted(tasks, tiny_bert_dir, tmp_path, monkeypatch):
     train_multitask(mcfg(tasks, tiny_bert_dir, tmp_path, run_dir=str(tmp_path / "full")), progress=False)
-    calls, real = {"n": 0}, M.shard
-
-    def interrupt_at_4(idx, rank, world):
-        calls["n"] += 1
-        if calls["n"] == 5:  # Ctrl-C while step 4 is being prepared
-            raise KeyboardInterrupt
-        return real(idx, rank, world)
-
-    monkeypatch.setattr(M, "shard", interrupt_at_4)
+    restore = ctrl_c_at_step(monkeypatch, M, 4)
     with pytest.raises(TrainingError, match=r"interrupted at step 4; continue with --resume .*cut"):
         train_multitask(mcfg(tasks, tiny_bert_dir, tmp_path, run_dir=str(tmp_path / "cut")), progress=False)
-    monkeypatch.setattr(M, "shard", real)
+    restore()
     r = train_multitask(mcfg(tasks, tiny_bert_dir, tmp_path, run_dir=None), resume=tmp_path / "cut",
                         progress=False)
     assert r["steps"] == 6
@@ -358,18 +350,10 @@ def test_shared_mixture_resume_equals_uninterrupted(tasks, tiny_bert_dir, tmp_pa
                                                                                 if name == "b-" else {}))
 
     full = run("a-", run_dir=str(tmp_path / "full"))
-    calls, real = {"n": 0}, M.shard
-
-    def interrupt_at_5(idx, rank, world):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt
-        return real(idx, rank, world)
-
-    monkeypatch.setattr(M, "shard", interrupt_at_5)
+    restore = ctrl_c_at_step(monkeypatch, M, 5)
     with pytest.raises(TrainingError, match="interrupted at step 5"):
         run("c-", run_dir=str(tmp_path / "cut"))
-    monkeypatch.setattr(M, "shard", real)
+    restore()
     resumed = run("b-", run_dir=None)
     assert resumed["shared_best_step"] == full["shared_best_step"]
     torch.testing.assert_close(Library().load("b-shared").prompt, Library().load("a-shared").prompt,

@@ -12,6 +12,7 @@ import composer.train as T
 from composer.errors import TrainingError
 from composer.library import Library
 from composer.train import TrainConfig, train
+from tests.conftest import ctrl_c_at_step
 
 
 def cfg(toy_task, tiny_bert_dir, tmp_path, **kw):
@@ -40,22 +41,13 @@ def test_same_seed_same_numbers(toy_task, tiny_bert_dir, tmp_path):
 
 def test_interrupt_then_resume_equals_uninterrupted(toy_task, tiny_bert_dir, tmp_path, monkeypatch):
     train(cfg(toy_task, tiny_bert_dir, tmp_path, run_dir=str(tmp_path / "full")), progress=False)
-    calls = {"n": 0}
-    real = T.shard
-
-    def interrupt_at_7(idx, rank, world):
-        calls["n"] += 1
-        if calls["n"] == 8:  # Ctrl-C while step 7 is being prepared
-            raise KeyboardInterrupt
-        return real(idx, rank, world)
-
-    monkeypatch.setattr(T, "shard", interrupt_at_7)
+    restore = ctrl_c_at_step(monkeypatch, T, 7)
     c = cfg(toy_task, tiny_bert_dir, tmp_path, run_dir=str(tmp_path / "cut"))
     with pytest.raises(TrainingError, match=r"interrupted at step 7; continue with --resume .*cut"):
         train(c, progress=False)
     state = json.loads((tmp_path / "cut" / "checkpoint" / "state.json").read_text())
     assert state["step"] == 7
-    monkeypatch.setattr(T, "shard", real)
+    restore()
     r = train(cfg(toy_task, tiny_bert_dir, tmp_path, run_dir=None), resume=tmp_path / "cut", progress=False)
     assert r["steps"] == 12
     torch.testing.assert_close(final_prompt(tmp_path / "cut"), final_prompt(tmp_path / "full"), rtol=0, atol=1e-6)
