@@ -233,6 +233,11 @@ def source_prompt_name(task: str, slug: str, source_steps: int) -> str:
     return f"{task}-{slug}-{source_steps}"
 
 
+def mixture_save_prefix(n_sources: int, slug: str, steps: int | str) -> str:
+    """The mixture arm's --save-prefix: its shared prompt is this + "shared" (steps "*": a glob of every budget)."""
+    return f"mixture{n_sources}-{slug}-{steps}-"
+
+
 def target_prompt_prefix(target: str, slug: str) -> str:
     """What the library names of the prompts made for one target (its own, the composed ones) start with."""
     return f"bench-{target}-{slug}-"
@@ -355,7 +360,7 @@ class Bench:
         from composer.multitask import SHARED, prepare_multitask, train_multitask
 
         cfg = self.cfg
-        prefix = f"mixture{len(cfg.sources)}-{self.slug}-{cfg.mixture_steps}-"
+        prefix = mixture_save_prefix(len(cfg.sources), self.slug, cfg.mixture_steps)
         name = prefix + SHARED
         if self.lib.exists(name) and not cfg.retrain_sources:
             meta = self.lib.meta(name)
@@ -363,10 +368,8 @@ class Bench:
             if sorted(tasks) != sorted(cfg.sources):
                 raise SystemExit(f"library entry {name} was trained on {','.join(tasks)}, not on --sources "
                                  f"{','.join(cfg.sources)}: give --retrain-sources or another --library")
-            m = meta.get("metrics") or {}
             say(f"[sources] reuse {name} from {self.lib.root}")
-            return {"prompt": name, "reused": True, "dev": m.get("dev"), "initial": m.get("initial"),
-                    "dev_mean": m.get("dev_mean"), "best_step": m.get("best_step")}
+            return self._mixture_info(name, reused=True)
         self.may_start("the mixture source")
         say(f"[sources] train {name} on {','.join(cfg.sources)} ({cfg.mixture_steps} steps)")
         run_dir = self.runs / "sources" / f"mixture{cfg.mixture_steps}"
@@ -382,11 +385,15 @@ class Bench:
         for prep in mp.tasks.values():
             prep.test = None  # a source needs no test score
         r = train_multitask(mc, library=self.lib, progress=False, prepared=mp)
-        meta = self.lib.meta(name)["metrics"]
         say(f"          mean dev {r['shared_best_mean']:.3f} at step {r['shared_best_step']} ({r['seconds']:.0f} s)")
-        return {"prompt": name, "reused": False, "dev": meta["dev"], "initial": meta["initial"],
-                "dev_mean": meta["dev_mean"], "best_step": meta["best_step"], "seconds": r["seconds"],
-                "s_per_step": r["seconds"] / max(1, r["steps"])}
+        return dict(self._mixture_info(name, reused=False), seconds=r["seconds"],
+                    s_per_step=r["seconds"] / max(1, r["steps"]))
+
+    def _mixture_info(self, name: str, reused: bool) -> dict:
+        """What the report says of the mixture's entry: its dev score per source, at step 0 and kept."""
+        m = self.lib.meta(name).get("metrics") or {}
+        return {"prompt": name, "reused": reused, "dev": m.get("dev"), "initial": m.get("initial"),
+                "dev_mean": m.get("dev_mean"), "best_step": m.get("best_step")}
 
     # -- 2. one tuning run (memoised: the best arm and the seed-0 pair run of its source are one run) --
     def tune(self, task: str, init: str, seed: int, steps: int, run_name: str, mode: str = "prompt",

@@ -200,8 +200,8 @@ def mixture_text(m: dict, c: dict) -> str:
             f"source tasks at once ({c['mixture_steps']} steps, mixed batches of {c['mixture_batch_size']}, "
             f"temperature {c['mixture_temperature']:g}, lr {c['lr']}, each task its own head; kept at step "
             f"{m.get('best_step')}, the best mean dev score{', reused' if m.get('reused') else ''}): "
-            + ", ".join(f"{s} {fmt(dev[s])}" for s in [*c["sources"], *sorted(set(dev) - set(c["sources"]))]
-                        if s in dev) + " (dev score per task).")
+            + ", ".join(f"{s} {fmt(dev[s])}" for s in c["sources"] if s in dev)  # its tasks are the sources
+            + " (dev score per task).")
 
 
 def markdown(res: dict, fig_rel) -> str:

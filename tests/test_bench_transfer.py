@@ -337,7 +337,10 @@ def test_mixture_arm_tunes_from_one_prompt_trained_on_every_source(bench_mod, re
     assert res2["targets"]["toy"]["runs"]["mixture"][0]["dev"] == recs[0]["dev"]
 
     # bench/records.py keeps the mixture with the sources, so a restored run reuses it
-    slug = mix["prompt"].removeprefix("mixture2-").removesuffix("-4-shared")
+    from composer.demo import model_slug
+
+    slug = model_slug(str(tiny_bert_dir)) + "-prefix"
+    assert mix["prompt"] == f"mixture2-{slug}-4-shared"
     records.save(out / "runs", tmp_path / "lib", tmp_path / "rec", ["toy"], ["toy-a", "toy-b"], slug, 2)
     assert (tmp_path / "rec" / "library" / mix["prompt"]).is_dir()
 
