@@ -12,6 +12,9 @@ finished run is read back instead of trained again.
 
 run_peft_generation is the same arm for a generation task on a decoder (bench/dialogue.py): PEFT's own causal-LM
 loss, decoded by our generation. Both run in one loop (_run); only the model, the loss and the evaluation differ.
+
+PeftMPTSource is the peft-mpt arm's prompt (and bench/mpt.py's peer): PEFT's MultitaskPromptEmbedding with
+PEFT's own target init from an exported MPT entry, run as a composer prompt source.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import os
 import shutil
 import time
 import types
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -243,3 +247,42 @@ def run_peft_generation(bench, task: str, seed: int, steps: int, run_name: str) 
         return prompt, opt, step_loss, evaluate
 
     return _run(bench, task, seed, steps, run_name, build)
+
+
+class PeftMPTSource(torch.nn.Module):
+    """PEFT's MultitaskPromptEmbedding (the module a MultitaskPromptTuning PeftModel puts in front) as a composer
+    prompt source: forward(embeds [B, T, H], mask) -> [B, P, H], every row task 0 of a one-task target config.
+
+    Its init is PEFT's own target adaptation from a MultitaskPromptTuning adapter (``library export-peft`` of
+    an MPT entry): AVERAGE_SOURCE_TASKS (the sources' mean factors) or EXACT_SOURCE_TASK (one source's). Built
+    by hand because PEFT 0.21.2's FEATURE_EXTRACTION PeftModel does not pass task_ids to it ("task_ids cannot
+    be None" even when given), so a PeftModel cannot run MPT on an encoder such as minilm; the module, its
+    parameters and its forward are PEFT's."""
+
+    kind = "prompt"
+
+    def __init__(self, adapter: Path, init: str, word_embeddings, source_task: int = 0):
+        from peft import MultitaskPromptTuningConfig
+        from peft.tuners.multitask_prompt_tuning.model import MultitaskPromptEmbedding
+
+        conf = json.loads((Path(adapter) / "adapter_config.json").read_text())
+        config = MultitaskPromptTuningConfig(
+            task_type="FEATURE_EXTRACTION", num_virtual_tokens=conf["num_virtual_tokens"],
+            token_dim=conf["token_dim"], num_transformer_submodules=1, num_tasks=1, num_ranks=conf["num_ranks"],
+            prompt_tuning_init=init, prompt_tuning_init_task=source_task,
+            prompt_tuning_init_state_dict_path=str(Path(adapter) / "adapter_model.safetensors"))
+        super().__init__()
+        self.encoder = MultitaskPromptEmbedding(config, word_embeddings)
+        self.P = conf["num_virtual_tokens"]
+
+    @property
+    def length(self) -> int:
+        return self.P
+
+    def forward(self, embeds, mask=None):
+        B = embeds.shape[0]
+        indices = torch.arange(self.P, device=embeds.device).expand(B, self.P)
+        return self.encoder(indices, torch.zeros(B, dtype=torch.long, device=embeds.device))
+
+    def static(self):
+        return self.forward(torch.zeros(1, 1, 1, device=self.encoder.embedding.weight.device))[0].detach()

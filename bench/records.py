@@ -45,13 +45,14 @@ def _target_files(target_dir: Path) -> list[Path]:
 
 
 def _library_names(library: Path, sources: list[str], targets: list[str], slug: str, source_steps: int) -> list[str]:
-    from transfer import mixture_save_prefix, source_prompt_name, target_prompt_prefix
+    from transfer import SHARED_ARMS, shared_save_prefix, source_prompt_name, target_prompt_prefix
 
     from composer.multitask import SHARED
 
     names = [source_prompt_name(s, slug, source_steps) for s in sources]
-    names += sorted(p.name for p in library.glob(mixture_save_prefix(len(sources), slug, "*") + SHARED)
-                    if p.is_dir())
+    for shared in SHARED_ARMS:  # the multi-task sources (mixture, mpt), every budget
+        names += sorted(p.name for p in library.glob(shared_save_prefix(shared, len(sources), slug, "*") + SHARED)
+                        if p.is_dir())
     for t in targets:
         names += sorted(p.name for p in library.glob(f"{target_prompt_prefix(t, slug)}*") if p.is_dir())
     return [n for n in names if (library / n).is_dir()]

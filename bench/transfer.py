@@ -10,6 +10,11 @@ size, same prompt learning rate, same dev evaluations, best dev checkpoint kept,
              on bench/step_overhead.py's PEFT setup, which checks the two compute the same function)
   mixture    SPoT's multi-task source: one prompt trained on every source task at once (mixed batches,
              each task its own head; --mixture-steps, kept at the best mean dev score), tuned from there
+  mpt        MPT: stage 1 distils the source prompts (teachers: logits KL + hidden-state MSE) into one shared
+             prompt and a rank-1 factor pair per source (--mpt-steps, the last state kept); the target adapts
+             from the shared prompt with the sources' mean factors (library:NAME@mean)
+  peft-mpt   the peer of mpt: PEFT's MultitaskPromptEmbedding with PEFT's own AVERAGE_SOURCE_TASKS init from
+             that entry (exported with `library export-peft`), tuned in the same loop (input-level prompts only)
   best       SPoT: the top-k source prompt that scores best zero-shot on the target's few shots
   average    similarity-weighted average of the top-k source prompts (weights: zero-shot transfer)
   linear     weights optimised on the few shots (L-BFGS-B, gradient-based); linear-gf: Powell
@@ -157,6 +162,10 @@ class BenchConfig:
     mixture_batch_size: int = 32
     mixture_temperature: float = 1000.0
     """Task i is drawn in proportion to n_i ** (1/T): the default samples the sources about uniformly."""
+    mpt_steps: int = 1000
+    """The mpt arm's source: steps of MPT's stage 1 over every source task (seed 0, default distillation weights)."""
+    mpt_batch_size: int = 32
+    mpt_temperature: float = 1000.0
     library: str = "runs/bench-library"
     runs: str | None = None
     data_dir: str | None = None
@@ -180,6 +189,7 @@ RUN_KEY_ELSEWHERE = {
     # reach a run through the init prompts' content hashes
     "sources": "hash", "source_steps": "hash", "source_max_eval": "hash", "retrain_sources": "hash",
     "library": "hash", "mixture_steps": "hash", "mixture_batch_size": "hash", "mixture_temperature": "hash",
+    "mpt_steps": "hash", "mpt_batch_size": "hash", "mpt_temperature": "hash",
     # which runs, where they go, how they are reported: not what one run computes
     "tier": "none", "targets": "none", "arms": "none", "runs": "none", "figures": "none", "threads": "none",
     "rerun": "none", "time_budget": "none", "extra": "none",
@@ -233,9 +243,14 @@ def source_prompt_name(task: str, slug: str, source_steps: int) -> str:
     return f"{task}-{slug}-{source_steps}"
 
 
-def mixture_save_prefix(n_sources: int, slug: str, steps: int | str) -> str:
-    """The mixture arm's --save-prefix: its shared prompt is this + "shared" (steps "*": a glob of every budget)."""
-    return f"mixture{n_sources}-{slug}-{steps}-"
+SHARED_ARMS = ("mixture", "mpt")
+"""The arms that start from one multi-task source trained on every source task (--shared of `train --multitask`)."""
+
+
+def shared_save_prefix(shared: str, n_sources: int, slug: str, steps: int | str) -> str:
+    """A multi-task source's --save-prefix (shared: mixture or mpt): its entry is this + "shared" (steps "*": a
+    glob of every budget)."""
+    return f"{shared}{n_sources}-{slug}-{steps}-"
 
 
 def target_prompt_prefix(target: str, slug: str) -> str:
@@ -270,7 +285,8 @@ class Bench:
         self.cpu = cpu_model()  # the same code and seed give other scores on another CPU: records name it
         self.cpu_isa = cpu_isa()  # and on the same CPU with another kernel level (ATEN_CPU_CAPABILITY)
         self.reused = 0  # finished runs taken from their run folders
-        self.mixture: dict | None = None  # the mixture arm's source (train_mixture)
+        self.mixture: dict | None = None  # the mixture arm's source (train_shared)
+        self.mpt: dict | None = None  # the mpt and peft-mpt arms' source (train_shared)
         self.deadline = None if cfg.time_budget is None else time.time() + 60 * cfg.time_budget
 
     def may_start(self, what: str) -> None:
@@ -281,9 +297,10 @@ class Bench:
     # -- finished runs are kept: a killed or split-up benchmark goes on where it stopped ----------
     def entry_sha(self, init: str) -> str | None:
         """A library init's content hash (its tensors), so a retrained source invalidates its runs."""
-        if not init.startswith("library:") or not self.lib.exists(init.removeprefix("library:")):
+        if "library:" not in init:
             return None
-        return self.lib.content_sha(init.removeprefix("library:"))
+        name = init.split("library:", 1)[1].split("@")[0]  # an MPT entry's library:NAME@TASK, a peer's peft-mpt:...
+        return self.lib.content_sha(name) if self.lib.exists(name) else None
 
     def run_key(self, **what) -> dict:
         """What a finished run depends on, JSON-normalised (tuples become lists)."""
@@ -353,14 +370,20 @@ class Bench:
             say(f"          dev {r['initial']['score']:.3f} -> {r['dev']['score']:.3f} ({r['seconds']:.0f} s)")
         return out
 
-    def train_mixture(self) -> dict:
-        """The mixture arm's source: one prompt trained on every source task at once (SPoT's multi-task source),
-        each task with its own head, kept at the step with the best mean dev score; reused from the library."""
+    def train_shared(self, shared: str) -> dict:
+        """A multi-task source trained once on every source task and reused from the library (SHARED_ARMS).
+        mixture: one prompt on their mixed batches, each task its own head, kept at the step with the best mean
+        dev score (SPoT's multi-task source). mpt: MPT's stage 1, one shared prompt and a rank-1 factor pair per
+        source, distilled from the source prompts (the teachers, named by a graph of the sources alone); the
+        entry is the last state."""
+        from composer import graph as G_
         from composer.config import MultiTaskConfig
         from composer.multitask import SHARED, prepare_multitask, train_multitask
 
         cfg = self.cfg
-        prefix = mixture_save_prefix(len(cfg.sources), self.slug, cfg.mixture_steps)
+        steps, batch, temperature = ((cfg.mixture_steps, cfg.mixture_batch_size, cfg.mixture_temperature)
+                                     if shared == "mixture" else (cfg.mpt_steps, cfg.mpt_batch_size, cfg.mpt_temperature))
+        prefix = shared_save_prefix(shared, len(cfg.sources), self.slug, steps)
         name = prefix + SHARED
         if self.lib.exists(name) and not cfg.retrain_sources:
             meta = self.lib.meta(name)
@@ -369,36 +392,59 @@ class Bench:
                 raise SystemExit(f"library entry {name} was trained on {','.join(tasks)}, not on --sources "
                                  f"{','.join(cfg.sources)}: give --retrain-sources or another --library")
             say(f"[sources] reuse {name} from {self.lib.root}")
-            return self._mixture_info(name, reused=True)
-        self.may_start("the mixture source")
-        say(f"[sources] train {name} on {','.join(cfg.sources)} ({cfg.mixture_steps} steps)")
-        run_dir = self.runs / "sources" / f"mixture{cfg.mixture_steps}"
+            return self._shared_info(name, reused=True)
+        self.may_start(f"the {shared} source")
+        say(f"[sources] train {name} on {','.join(cfg.sources)} ({steps} steps)")
+        run_dir = self.runs / "sources" / f"{shared}{steps}"
         shutil.rmtree(run_dir, ignore_errors=True)
-        mc = MultiTaskConfig(tasks=list(cfg.sources), backbone=cfg.model, prompt_length=cfg.prompt_length,
-                             kind=cfg.kind, prefix_projection=cfg.prefix_projection, steps=cfg.mixture_steps,
-                             batch_size=cfg.mixture_batch_size, lr=cfg.lr,
-                             sampling_temperature=cfg.mixture_temperature,
-                             eval_every=max(1, cfg.mixture_steps // 4), max_eval=cfg.source_max_eval,
-                             max_test=cfg.source_max_eval, seed=0, data_dir=cfg.data_dir, shared="mixture",
+        tasks: dict = {"tasks": list(cfg.sources)}
+        if shared == "mpt":  # each source's teacher is its node's prompt
+            graph = self.runs / "sources" / f"{shared}{steps}-graph.json"
+            G_.save_graph(G_.from_dict({"name": f"bench-sources-{self.slug}", "backbone": cfg.model, "nodes": [
+                {"name": s, "role": "source", "prompt": self.source_name(s)} for s in cfg.sources]}), graph)
+            tasks = {"graph": str(graph)}
+        mc = MultiTaskConfig(**tasks, backbone=cfg.model, prompt_length=cfg.prompt_length,
+                             kind=cfg.kind, prefix_projection=cfg.prefix_projection, steps=steps,
+                             batch_size=batch, lr=cfg.lr, sampling_temperature=temperature,
+                             eval_every=max(1, steps // 4), max_eval=cfg.source_max_eval,
+                             max_test=cfg.source_max_eval, seed=0, data_dir=cfg.data_dir, shared=shared,
                              save_prefix=prefix, run_dir=str(run_dir))
         mp = prepare_multitask(mc, backbone=self.bb, library=self.lib)
         for prep in mp.tasks.values():
             prep.test = None  # a source needs no test score
         r = train_multitask(mc, library=self.lib, progress=False, prepared=mp)
-        say(f"          mean dev {r['shared_best_mean']:.3f} at step {r['shared_best_step']} ({r['seconds']:.0f} s)")
-        return dict(self._mixture_info(name, reused=False), seconds=r["seconds"],
-                    s_per_step=r["seconds"] / max(1, r["steps"]))
+        info = self._shared_info(name, reused=False)
+        dev = info["dev"] or {}
+        say(f"          mean dev {sum(dev.values()) / max(1, len(dev)):.3f} at step {info['best_step']} "
+            f"({r['seconds']:.0f} s)")
+        return dict(info, seconds=r["seconds"], s_per_step=r["seconds"] / max(1, r["steps"]))
 
-    def _mixture_info(self, name: str, reused: bool) -> dict:
-        """What the report says of the mixture's entry: its dev score per source, at step 0 and kept."""
+    def _shared_info(self, name: str, reused: bool) -> dict:
+        """What the report says of a multi-task source's entry: its dev score per source, at step 0 and kept
+        (mixture: at its best mean dev step; mpt: at its last step)."""
         m = self.lib.meta(name).get("metrics") or {}
         return {"prompt": name, "reused": reused, "dev": m.get("dev"), "initial": m.get("initial"),
-                "dev_mean": m.get("dev_mean"), "best_step": m.get("best_step")}
+                "dev_mean": m.get("dev_mean"), "best_step": m.get("best_step", m.get("steps"))}
+
+    def peft_mpt_source(self):
+        """The peft-mpt arm's prompt: PEFT's MultitaskPromptEmbedding, AVERAGE_SOURCE_TASKS from the mpt entry
+        (exported once into the sources' run folder with `library export-peft`'s code)."""
+        from peft_arm import PeftMPTSource
+
+        from composer.peft_io import export_peft
+
+        adapter = self.runs / "sources" / f"peft-{self.mpt['prompt']}"
+        if not (adapter / "adapter_config.json").is_file():
+            export_peft(self.lib, self.mpt["prompt"], adapter, overwrite=True)
+        return PeftMPTSource(adapter, "AVERAGE_SOURCE_TASKS", self.bb.network.get_input_embeddings())
 
     # -- 2. one tuning run (memoised: the best arm and the seed-0 pair run of its source are one run) --
     def tune(self, task: str, init: str, seed: int, steps: int, run_name: str, mode: str = "prompt",
              prompt_length: int | None = None, save: str | None = None, key_init: str | None = None,
-             lora_r: int | None = None, kind: str | None = None) -> dict:
+             lora_r: int | None = None, kind: str | None = None, prompt_source=None) -> dict:
+        """One arm's tuning run, read back from its record where nothing it depends on changed. ``key_init``
+        names the init in the records where ``init`` cannot (``prompt_source``: a callable building the prompt
+        module, e.g. PEFT's, that then stands in for ``init``)."""
         from composer.train import TrainConfig, prepare, train
 
         cfg = self.cfg
@@ -411,7 +457,8 @@ class Bench:
         if key in self.cache:
             return self.cache[key]
         run_dir = self.runs / task / run_name
-        rkey = self.run_key(arm="composer", task=task, init=init, init_sha=self.entry_sha(init), seed=seed,
+        named = key_init or init
+        rkey = self.run_key(arm="composer", task=task, init=named, init_sha=self.entry_sha(named), seed=seed,
                             steps=steps, mode=mode, prompt_length=P, **keyed)
         # the seed-0 random run also saves the target's prompt: reuse it only while that prompt is there
         rec = self.stored(run_dir / "record.json", rkey) if save is None or self.lib.exists(save) else None
@@ -430,7 +477,8 @@ class Bench:
         # joint mode changes backbone weights in place: give it its own copy
         bb = self.bb if mode == "prompt" else dataclasses.replace(self.bb,
                                                                  network=copy.deepcopy(self.bb.network))
-        prep = prepare(tc, backbone=bb, library=self.lib)
+        prep = prepare(tc, backbone=bb, library=self.lib,
+                       prompt_source=None if prompt_source is None else prompt_source())
         prep.dev = prep.dev.subset(cfg.max_eval, 0)  # one dev subset for every arm and seed
         prep.test = prep.test.subset(cfg.max_test, 0) if prep.test is not None else None
         load0 = os.getloadavg()[0]
@@ -439,7 +487,7 @@ class Bench:
         curve = read_curve(run_dir)
         for sub in ("checkpoint", "best"):  # a joint run's checkpoints hold the whole model: do not keep them
             shutil.rmtree(run_dir / sub, ignore_errors=True)
-        rec = {"init": init, "seed": seed, "mode": mode, "prompt_length": P, "steps": r["steps"],
+        rec = {"init": named, "seed": seed, "mode": mode, "prompt_length": P, "steps": r["steps"],
                "initial": r["initial"]["score"], "dev": r["best"], "dev_last": curve[1][-1],
                "test": (r.get("test") or {}).get("score"), "best_step": r["best_step"], "curve": curve,
                "test_accuracy": (r.get("test") or {}).get("accuracy"),  # beside F1 or MCC: which classes it calls
@@ -577,6 +625,13 @@ class Bench:
             if "mixture" in cfg.arms:
                 add("mixture", self.tune(target, f"library:{self.mixture['prompt']}", seed, cfg.steps,
                                          f"mixture{cfg.mixture_steps}-s{seed}"))  # budgets side by side
+            if "mpt" in cfg.arms:  # the target's factors start at the sources' mean (PEFT's AVERAGE_SOURCE_TASKS)
+                add("mpt", self.tune(target, f"library:{self.mpt['prompt']}@mean", seed, cfg.steps,
+                                     f"mpt{cfg.mpt_steps}-s{seed}"))
+            if "peft-mpt" in cfg.arms:
+                add("peft-mpt", self.tune(target, "random", seed, cfg.steps, f"peft-mpt{cfg.mpt_steps}-s{seed}",
+                                          key_init=f"peft-mpt:library:{self.mpt['prompt']}@mean",
+                                          prompt_source=self.peft_mpt_source))
             composed = {}
             for arm in [a for a in COMPOSED if a in cfg.arms]:
                 if arm == "concat" and not subtasks:
@@ -655,12 +710,13 @@ def parse(argv: list[str] | None) -> tuple[BenchConfig, argparse.Namespace]:
     ap.add_argument("--seeds", type=lambda s: tuple(int(x) for x in s.split(",")), help="e.g. 0,1,2")
     for f in ("source-steps", "steps", "pair-steps", "eval-every", "source-max-eval", "max-eval", "max-test",
               "top-k", "shots", "batch-size", "prompt-length", "full-prompt-length", "prefix-projection",
-              "mixture-steps", "mixture-batch-size"):
+              "mixture-steps", "mixture-batch-size", "mpt-steps", "mpt-batch-size"):
         ap.add_argument(f"--{f}", type=int)
     ap.add_argument("--lr", type=float)
     ap.add_argument("--model-lr", type=float)
     ap.add_argument("--mixture-temperature", type=float,
                     help="mixture arm: source i drawn in proportion to n_i ** (1/T) (default 1000: about uniform)")
+    ap.add_argument("--mpt-temperature", type=float, help="mpt arm's stage 1: the same (default 1000)")
     ap.add_argument("--kind", choices=("prompt", "prefix"),
                     help="what the prompt arms tune: prompt (default) or prefix (deep prompts; try --lr 0.01)")
     ap.add_argument("--model", help="backbone (default minilm)")
@@ -688,6 +744,8 @@ def parse(argv: list[str] | None) -> tuple[BenchConfig, argparse.Namespace]:
     bad = [a for a in cfg.arms if a not in ARMS]
     if bad:
         ap.error(f"unknown arm(s) {', '.join(bad)}: use {', '.join(ARMS)}")
+    if "peft-mpt" in cfg.arms and cfg.kind != "prompt":
+        ap.error("--arms peft-mpt: PEFT's MultitaskPromptTuning is an input-level prompt; drop it under --kind prefix")
     if "joint" in cfg.arms and not any(a in COMPOSED for a in cfg.arms):
         ap.error("--arms: joint starts from a composed init; add one of " + ", ".join(COMPOSED))
     if not Path(cfg.data_dir).is_dir():
@@ -707,7 +765,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         sources = bench.train_sources()
         if "mixture" in cfg.arms:
-            bench.mixture = bench.train_mixture()
+            bench.mixture = bench.train_shared("mixture")
+        if "mpt" in cfg.arms or "peft-mpt" in cfg.arms:
+            bench.mpt = bench.train_shared("mpt")
         targets = {t: bench.run_target(t, sources) for t in cfg.targets}
     except OutOfTime as e:
         say(f"stopped: {e}; {time.time() - t0:.0f} s. The finished runs are kept: run the same command to go on.")
@@ -722,7 +782,7 @@ def main(argv: list[str] | None = None) -> None:
                        "torch": torch.__version__, "transformers": transformers.__version__,
                        "peft": peft.__version__, "python": platform.python_version(),
                        "load_start": load_start, "load_end": round(os.getloadavg()[0], 2)},
-           "sources": sources, "mixture": bench.mixture, "targets": targets, "pair_steps": bench.pair_steps,
+           "sources": sources, "mixture": bench.mixture, "mpt": bench.mpt, "targets": targets, "pair_steps": bench.pair_steps,
            "summary": {t: summarise_target(v) for t, v in targets.items()},
            "transferability": correlations(targets), "wall_s": round(time.time() - t0, 1),
            "reused_runs": bench.reused,

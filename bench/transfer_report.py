@@ -10,7 +10,7 @@ import statistics
 from pathlib import Path
 
 
-ARMS = ("random", "vocab", "peft", "mixture", "best", "average", "linear", "linear-gf", "attention", "concat",
+ARMS = ("random", "vocab", "peft", "mixture", "mpt", "peft-mpt", "best", "average", "linear", "linear-gf", "attention", "concat",
         "full", "joint")
 COMPOSED = ("best", "average", "linear", "linear-gf", "attention", "concat")
 SIM_METRICS = ("cos-avg", "cos-tok", "on", "transfer")
@@ -204,6 +204,19 @@ def mixture_text(m: dict, c: dict) -> str:
             + " (dev score per task).")
 
 
+def mpt_text(m: dict, c: dict) -> str:
+    """The mpt arms' source: MPT's stage 1 over every source task, its dev score per task at its last step."""
+    dev, initial = m.get("dev") or {}, m.get("initial") or {}
+    return (f" The mpt arm starts from `{m['prompt']}`, MPT's stage 1 over all {len(c['sources'])} sources "
+            f"({c['mpt_steps']} steps, mixed batches of {c['mpt_batch_size']}, temperature {c['mpt_temperature']:g}, "
+            f"lr {c['lr']}; one shared prompt and a rank-1 factor pair per source, distilled from the source "
+            "prompts by logits KL and hidden-state MSE; the last state kept"
+            f"{', reused' if m.get('reused') else ''}); the target starts at the shared prompt with the sources' "
+            "mean factors, and peft-mpt at PEFT's own AVERAGE_SOURCE_TASKS init from the same entry. Dev score "
+            "per source at step 0 -> kept: "
+            + ", ".join(f"{s} {fmt(initial.get(s))} -> {fmt(dev[s])}" for s in c["sources"] if s in dev) + ".")
+
+
 def markdown(res: dict, fig_rel) -> str:
     c = res["config"]
     summ = res["summary"]
@@ -238,7 +251,8 @@ def markdown(res: dict, fig_rel) -> str:
         f"trained {c['source_steps']} steps each (seed 0, full training split, batch {c['batch_size']}, lr {c['lr']}): "
         + ", ".join(f"{s} {fmt(v.get('dev'))}" + (" (reused)" if v.get("reused") else "")
                     for s, v in res["sources"].items()) + " (source dev score)."
-        + (mixture_text(res["mixture"], c) if res.get("mixture") else ""),
+        + (mixture_text(res["mixture"], c) if res.get("mixture") else "")
+        + (mpt_text(res["mpt"], c) if res.get("mpt") else ""),
         f"Every arm on a target: {c['steps']} steps, batch {c['batch_size']}, prompt lr {c['lr']} (linear decay, "
         f"6% warm-up), model lr {c['model_lr']} for full and joint (not tuned); dev evaluated every "
         f"{c['eval_every']} steps on at most {c['max_eval']} examples, the best dev checkpoint kept (the init "

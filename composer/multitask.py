@@ -296,6 +296,7 @@ def _train_multitask(cfg: MultiTaskConfig, run: RunFolder, library: Library, pro
         r = {k: evaluate(core.view(k), mp.tasks[k].spec, devs[k], cfg.eval_batch_size, acc.device,
                          acc.autocast) for k in keys}
         run.log({"step": step, "eval": r, "mean": sum(x["score"] for x in r.values()) / len(r)})
+        state["last_eval"] = {"step": step, "scores": {k: x["score"] for k, x in r.items()}}  # MPT's entry: its state
         return r
 
     def save_best(tasks: list[str], r: dict[str, dict], step: int) -> None:
@@ -405,7 +406,12 @@ def _train_multitask(cfg: MultiTaskConfig, run: RunFolder, library: Library, pro
     if final is not None and cfg.save_prefix and acc.is_main_process:
         load_trainable(core, final)
         name = f"{cfg.save_prefix}{SHARED}"
-        save_mpt_entry(library, name, core, mp.backbone, cfg, mp.mpt, {"steps": step})
+        last = state.get("last_eval") or {}
+        initial = {k: x["score"] for k, x in (state.get("initial") or {}).items()}
+        # the entry is the last state: its per-task dev scores are the last evaluation's, where that was at this step
+        save_mpt_entry(library, name, core, mp.backbone, cfg, mp.mpt,
+                       {"steps": step, "initial": initial or None,
+                        "dev": last.get("scores") if last.get("step") == step else None})
         result["shared_saved"] = name
     run.write_result(result)
     return result

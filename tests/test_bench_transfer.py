@@ -346,3 +346,58 @@ def test_mixture_arm_tunes_from_one_prompt_trained_on_every_source(bench_mod, re
 
     with pytest.raises(SystemExit, match="trained on toy-a,toy-b, not on --sources toy-a,toy-c"):
         bench_mod.main(argv("toy-a,toy-c"))
+
+
+def test_mpt_arms_adapt_from_a_shared_prompt_distilled_from_the_sources(bench_mod, records, toy_task, tiny_bert_dir,
+                                                                       tmp_path, capsys):
+    """--arms mpt,peft-mpt: MPT's stage 1 over the sources (each source's prompt its teacher, the entry keeping
+    each source's dev score at step 0 and at its last step), then the target from the shared prompt at the mean
+    factors, ours and PEFT's; the second invocation reuses the entry and both runs; records keep the entry."""
+    from composer.library import Library
+    from composer.mpt import is_mpt
+    from tests.conftest import write_toy_task
+
+    for name in ("toy-a", "toy-b"):
+        write_toy_task(tmp_path, name)
+    out = tmp_path / "out"
+    argv = ["--smoke", "--model", str(tiny_bert_dir), "--sources", "toy-a,toy-b", "--targets", "toy",
+            "--arms", "random,mpt,peft-mpt", "--source-steps", "2", "--mpt-steps", "4", "--mpt-batch-size", "8",
+            "--steps", "2", "--eval-every", "2", "--max-eval", "16", "--max-test", "16", "--prompt-length", "4",
+            "--batch-size", "8", "--lr", "0.1", "--library", str(tmp_path / "lib"), "--runs", str(out / "runs"),
+            "--figures", str(out / "fig"), "--data-dir", str(tmp_path / "data"), "--out-md", str(out / "r.md")]
+    bench_mod.main(argv)
+    capsys.readouterr()
+    res = json.loads((out / "runs" / "results.json").read_text())
+    mpt = res["mpt"]
+    lib = Library(tmp_path / "lib")
+    entry = lib.load(mpt["prompt"])
+    assert is_mpt(entry) and entry.meta["provenance"]["tasks"] == ["toy-a", "toy-b"]
+    assert entry.meta["provenance"]["teachers"] == {s: res["sources"][s]["prompt"] for s in ("toy-a", "toy-b")}
+    assert set(mpt["dev"]) == set(mpt["initial"]) == {"toy-a", "toy-b"} and mpt["best_step"] == 4
+    assert all(0.0 <= v <= 1.0 for v in mpt["dev"].values())
+    runs = res["targets"]["toy"]["runs"]
+    assert [r["init"] for r in runs["mpt"]] == [f"library:{mpt['prompt']}@mean"]
+    assert [r["init"] for r in runs["peft-mpt"]] == [f"peft-mpt:library:{mpt['prompt']}@mean"]
+    # the two start from one prompt: PEFT's AVERAGE_SOURCE_TASKS is our @mean, so their step-0 dev scores agree
+    assert runs["peft-mpt"][0]["initial"] == pytest.approx(runs["mpt"][0]["initial"], abs=1e-6)
+    assert runs["mpt"][0]["key"]["init_sha"] == lib.content_sha(mpt["prompt"])  # a retrained entry runs again
+    md = (out / "r.md").read_text()
+    assert mpt["prompt"] in md and "| mpt |" in md and "| peft-mpt |" in md
+
+    bench_mod.main(argv)
+    capsys.readouterr()
+    res2 = json.loads((out / "runs" / "results.json").read_text())
+    assert res2["mpt"]["reused"] is True and res2["mpt"]["dev"] == mpt["dev"] and res2["reused_runs"] >= 3
+    assert res2["targets"]["toy"]["runs"]["peft-mpt"][0]["dev"] == runs["peft-mpt"][0]["dev"]
+
+    from composer.demo import model_slug
+
+    records.save(out / "runs", tmp_path / "lib", tmp_path / "rec", ["toy"], ["toy-a", "toy-b"],
+                 model_slug(str(tiny_bert_dir)), 2)
+    assert (tmp_path / "rec" / "library" / mpt["prompt"]).is_dir()
+
+
+def test_peft_mpt_arm_refuses_prefixes(bench_mod, capsys):
+    with pytest.raises(SystemExit):
+        bench_mod.parse(["--smoke", "--kind", "prefix", "--arms", "random,peft-mpt"])
+    assert "PEFT's MultitaskPromptTuning is an input-level prompt" in capsys.readouterr().err
