@@ -391,6 +391,7 @@ def _train_multitask(cfg: MultiTaskConfig, run: RunFolder, library: Library, pro
             r["saved"] = name
         result["per_task"][k] = r
     result["mean_dev"] = sum(r["dev"]["score"] for r in result["per_task"].values()) / len(keys)
+    initial = {k: x["score"] for k, x in (state.get("initial") or {}).items()}  # the shared entries' step-0 scores
     if mixture:
         result.update(shared_best_step=state.get("best_mean_step"), shared_best_mean=state.get("best_mean"))
         if cfg.save_prefix and acc.is_main_process:
@@ -398,8 +399,7 @@ def _train_multitask(cfg: MultiTaskConfig, run: RunFolder, library: Library, pro
             name = f"{cfg.save_prefix}{SHARED}"
             _save_mixture_entry(library, name, core, mp, cfg, {"dev_mean": state.get("best_mean"),
                                                               "dev": state.get("best_mean_scores"),
-                                                              "initial": {k: x["score"] for k, x in
-                                                                          (state.get("initial") or {}).items()},
+                                                              "initial": initial,
                                                               "best_step": state.get("best_mean_step"),
                                                               "steps": step})
             result["shared_saved"] = name
@@ -407,7 +407,6 @@ def _train_multitask(cfg: MultiTaskConfig, run: RunFolder, library: Library, pro
         load_trainable(core, final)
         name = f"{cfg.save_prefix}{SHARED}"
         last = state.get("last_eval") or {}
-        initial = {k: x["score"] for k, x in (state.get("initial") or {}).items()}
         # the entry is the last state: its per-task dev scores are the last evaluation's, where that was at this step
         save_mpt_entry(library, name, core, mp.backbone, cfg, mp.mpt,
                        {"steps": step, "initial": initial or None,

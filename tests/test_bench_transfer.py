@@ -38,6 +38,15 @@ def _in_task_dir(toy_task, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the toy task by name: ./tasks/toy.yaml
 
 
+def smoke_argv(tiny_bert_dir, tmp_path, out, *flags) -> list[str]:
+    """bench/transfer.py's command line for the toy target on a tiny BERT, small evaluations, all output under
+    ``out``; ``flags`` add the sources, arms and budgets of one test."""
+    return ["--smoke", "--model", str(tiny_bert_dir), "--targets", "toy", "--eval-every", "2", "--max-eval", "16",
+            "--max-test", "16", "--prompt-length", "4", "--batch-size", "8", "--library", str(tmp_path / "lib"),
+            "--runs", str(out / "runs"), "--figures", str(out / "fig"), "--data-dir", str(tmp_path / "data"),
+            "--out-md", str(out / "r.md"), *flags]
+
+
 def make(bench_mod, tiny_bert_dir, tmp_path, **kw):
     cfg = bench_mod.BenchConfig(tier="smoke", model=str(tiny_bert_dir), library=str(tmp_path / "lib"),
                                 runs=str(tmp_path / "runs"), data_dir=str(tmp_path / "data"), steps=4, eval_every=2,
@@ -266,11 +275,9 @@ def test_prefix_kind_runs_every_arm_on_prefixes_under_their_own_names(bench_mod,
     for name in ("toy-a", "toy-b"):
         write_toy_task(tmp_path, name)
     out = tmp_path / "out"
-    argv = ["--smoke", "--kind", "prefix", "--model", str(tiny_bert_dir), "--sources", "toy-a,toy-b",
-            "--targets", "toy", "--arms", "random,peft,best,average,attention,full,joint", "--source-steps", "4",
-            "--steps", "4", "--eval-every", "2", "--max-eval", "16", "--max-test", "16", "--prompt-length", "4",
-            "--batch-size", "8", "--lr", "0.01", "--library", str(tmp_path / "lib"), "--runs", str(out / "runs"),
-            "--figures", str(out / "fig"), "--data-dir", str(tmp_path / "data"), "--out-md", str(out / "r.md")]
+    argv = smoke_argv(tiny_bert_dir, tmp_path, out, "--kind", "prefix", "--sources", "toy-a,toy-b", "--arms",
+                      "random,peft,best,average,attention,full,joint", "--source-steps", "4", "--steps", "4",
+                      "--lr", "0.01")
     bench_mod.main(argv)
     capsys.readouterr()
     res = json.loads((out / "runs" / "results.json").read_text())
@@ -304,12 +311,9 @@ def test_mixture_arm_tunes_from_one_prompt_trained_on_every_source(bench_mod, re
     out = tmp_path / "out"
 
     def argv(sources="toy-a,toy-b"):
-        return ["--smoke", "--kind", "prefix", "--model", str(tiny_bert_dir), "--sources", sources,
-                "--targets", "toy", "--arms", "random,mixture", "--source-steps", "2", "--mixture-steps", "4",
-                "--mixture-batch-size", "8", "--steps", "2", "--eval-every", "2", "--max-eval", "16",
-                "--max-test", "16", "--prompt-length", "4", "--batch-size", "8", "--lr", "0.01",
-                "--library", str(tmp_path / "lib"), "--runs", str(out / "runs"), "--figures", str(out / "fig"),
-                "--data-dir", str(tmp_path / "data"), "--out-md", str(out / "r.md")]
+        return smoke_argv(tiny_bert_dir, tmp_path, out, "--kind", "prefix", "--sources", sources, "--arms",
+                          "random,mixture", "--source-steps", "2", "--mixture-steps", "4", "--mixture-batch-size", "8",
+                          "--steps", "2", "--lr", "0.01")
 
     bench_mod.main(argv())
     capsys.readouterr()
@@ -360,11 +364,8 @@ def test_mpt_arms_adapt_from_a_shared_prompt_distilled_from_the_sources(bench_mo
     for name in ("toy-a", "toy-b"):
         write_toy_task(tmp_path, name)
     out = tmp_path / "out"
-    argv = ["--smoke", "--model", str(tiny_bert_dir), "--sources", "toy-a,toy-b", "--targets", "toy",
-            "--arms", "random,mpt,peft-mpt", "--source-steps", "2", "--mpt-steps", "4", "--mpt-batch-size", "8",
-            "--steps", "2", "--eval-every", "2", "--max-eval", "16", "--max-test", "16", "--prompt-length", "4",
-            "--batch-size", "8", "--lr", "0.1", "--library", str(tmp_path / "lib"), "--runs", str(out / "runs"),
-            "--figures", str(out / "fig"), "--data-dir", str(tmp_path / "data"), "--out-md", str(out / "r.md")]
+    argv = smoke_argv(tiny_bert_dir, tmp_path, out, "--sources", "toy-a,toy-b", "--arms", "random,mpt,peft-mpt",
+                      "--source-steps", "2", "--mpt-steps", "4", "--mpt-batch-size", "8", "--steps", "2", "--lr", "0.1")
     bench_mod.main(argv)
     capsys.readouterr()
     res = json.loads((out / "runs" / "results.json").read_text())
